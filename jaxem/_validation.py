@@ -1,0 +1,144 @@
+"""Eager input checks, run in Python before anything is traced or compiled.
+
+Every check raises ``ValueError``/``TypeError`` naming the argument and what was wrong. They
+are skipped (return the input unchanged) when handed JAX tracers, so the pure functions that
+call them stay usable under ``jit``/``vmap``/``grad``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import numpy as np
+
+from jaxem._linalg import COVARIANCE_TYPES, covariance_shape
+
+INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+
+
+def is_traced(*arrays) -> bool:
+    """True if any argument is a JAX tracer (we are inside jit/vmap/grad)."""
+    return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(arrays))
+
+
+def check_covariance_type(covariance_type) -> str:
+    if covariance_type not in COVARIANCE_TYPES:
+        raise ValueError(
+            f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}"
+        )
+    return covariance_type
+
+
+def check_init_method(method) -> str:
+    if method not in INIT_METHODS:
+        raise ValueError(f"init_params must be one of {INIT_METHODS}, got {method!r}")
+    return method
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(value, name: str, minimum: float | None = None) -> float:
+    if is_traced(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | np.ndarray | jax.Array):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(np.asarray(value))
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return value
+
+
+def check_data(x, name: str = "x", min_samples: int = 1):
+    """2-D, numeric, finite, with at least ``min_samples`` rows."""
+    if is_traced(x):
+        return x
+    arr = np.asarray(x)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise TypeError(f"{name} must be real-valued, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (n_samples, n_features), got an array of shape {arr.shape}"
+        )
+    if arr.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one feature, got shape {arr.shape}")
+    if arr.shape[0] < min_samples:
+        raise ValueError(
+            f"{name} has {arr.shape[0]} samples but at least {min_samples} are needed "
+            f"(n_components={min_samples} requires n_samples >= n_components)"
+        )
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.sum(~np.isfinite(arr)))
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+    return x
+
+
+def check_sample_weight(weights, n_samples: int, name: str = "sample_weight"):
+    if weights is None or is_traced(weights):
+        return weights
+    w = np.asarray(weights)
+    if not np.issubdtype(w.dtype, np.number) or np.iscomplexobj(w):
+        raise TypeError(f"{name} must be a real numeric array, got dtype {w.dtype}")
+    if w.shape != (n_samples,):
+        raise ValueError(f"{name} must have shape ({n_samples},), got {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if np.any(w < 0):
+        raise ValueError(f"{name} must be non-negative, got minimum {w.min()}")
+    if not np.sum(w) > 0:
+        raise ValueError(f"{name} must have a positive sum")
+    return weights
+
+
+def check_weights_init(weights, n_components: int, name: str = "weights_init"):
+    w = np.asarray(weights, dtype=float)
+    if w.shape != (n_components,):
+        raise ValueError(f"{name} must have shape ({n_components},), got {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or np.any(w > 1):
+        raise ValueError(f"{name} must lie in [0, 1], got min {w.min()} max {w.max()}")
+    if not np.allclose(w.sum(), 1.0, rtol=0, atol=1e-6):
+        raise ValueError(f"{name} must sum to 1, got {w.sum()!r}")
+    return weights
+
+
+def check_means_init(means, n_components: int, n_features: int, name: str = "means_init"):
+    m = np.asarray(means, dtype=float)
+    if m.shape != (n_components, n_features):
+        raise ValueError(f"{name} must have shape ({n_components}, {n_features}), got {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return means
+
+
+def check_spd(matrices, covariance_type: str, n_components: int, n_features: int, name: str):
+    """Shape for the covariance type, finite, symmetric and positive definite (or positive)."""
+    a = np.asarray(matrices, dtype=float)
+    expected = covariance_shape(covariance_type, n_components, n_features)
+    if a.shape != expected:
+        raise ValueError(
+            f"{name} for covariance_type={covariance_type!r} must have shape {expected}, "
+            f"got {a.shape}"
+        )
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if covariance_type in ("diag", "spherical"):
+        if np.any(a <= 0):
+            raise ValueError(f"{name} must be positive, got minimum {a.min()}")
+        return matrices
+    stack = a[None] if covariance_type == "tied" else a
+    for k, m in enumerate(stack):
+        if not np.allclose(m, m.T, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(m).max())):
+            raise ValueError(f"{name}[{k}] must be symmetric")
+        if np.linalg.eigvalsh(m).min() <= 0:
+            raise ValueError(f"{name}[{k}] must be positive definite")
+    return matrices

@@ -1,0 +1,235 @@
+"""EM drivers: one jitted ``lax.while_loop`` per fit, restarts as a ``vmap`` of that program.
+
+The drivers know nothing about Gaussians. A *model* is any hashable object with
+
+    e_step(params, x, weights) -> (stats, mean_log_likelihood)
+    m_step(stats, **hyper)     -> params
+    init(key, x, n_components, *, weights, method, **hyper) -> params   (for fit_restarts)
+
+Stopping rule (scikit-learn's): iteration ``i`` runs an E-step at the current parameters,
+records the mean log-likelihood ``ℓ_i`` there, then an M-step; the loop stops once
+``|ℓ_i − ℓ_{i−1}| < tol`` or after ``max_iter`` iterations. ``lower_bound`` is the last ``ℓ``,
+so the returned parameters are one M-step newer than it, exactly as in scikit-learn.
+
+Numerical trouble never becomes a silent NaN: if an E-step gives a non-finite log-likelihood
+or an M-step non-finite parameters, the loop stops, ``failed`` is set and the last finite
+parameters are returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxem import _validation
+
+
+class FitResult(NamedTuple):
+    """Result of :func:`fit` (under :func:`fit_restarts`, every field gains a leading axis)."""
+
+    params: Any  # the model's params pytree
+    lower_bound: jax.Array  # () mean log-likelihood at the last E-step (-inf if none ran)
+    lower_bounds: jax.Array  # (max_iter,) per-iteration mean log-likelihood; NaN past n_iter
+    n_iter: jax.Array  # () int32 number of E-steps that gave a finite log-likelihood
+    converged: jax.Array  # () bool: the change fell below tol
+    failed: jax.Array  # () bool: a non-finite value stopped the fit; params are the last finite
+
+
+class RestartsResult(NamedTuple):
+    """Result of :func:`fit_restarts`."""
+
+    best: FitResult  # the restart with the highest lower bound
+    best_index: jax.Array  # () int32 index of that restart
+    restarts: FitResult  # every restart, fields with leading axis (n_init,)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)]
+    return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
+
+
+def _ll_dtype(params) -> jnp.dtype:
+    floats = [a.dtype for a in jax.tree_util.tree_leaves(params) if jnp.issubdtype(a.dtype, jnp.floating)]
+    return jnp.result_type(*floats) if floats else jnp.result_type(float)
+
+
+def _run(model, x, weights, params, tol, max_iter: int, hyper) -> FitResult:
+    """The EM loop itself; traced inside jit (and vmap for restarts)."""
+    dtype = _ll_dtype(params)
+    tol = jnp.asarray(tol, dtype)
+
+    def cond(s: FitResult):
+        return (s.n_iter < max_iter) & ~s.converged & ~s.failed
+
+    def body(s: FitResult) -> FitResult:
+        stats, ll = model.e_step(s.params, x, weights)
+        ll = ll.astype(dtype)
+        new_params = model.m_step(stats, **hyper)
+        ll_ok = jnp.isfinite(ll)
+        ok = ll_ok & _all_finite(new_params)
+        params = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(ok, new, old).astype(old.dtype), new_params, s.params
+        )
+        return FitResult(
+            params=params,
+            lower_bound=jnp.where(ll_ok, ll, s.lower_bound),
+            lower_bounds=jnp.where(ll_ok, s.lower_bounds.at[s.n_iter].set(ll), s.lower_bounds),
+            n_iter=s.n_iter + ll_ok.astype(jnp.int32),
+            converged=ok & (jnp.abs(ll - s.lower_bound) < tol),
+            failed=~ok,
+        )
+
+    init = FitResult(
+        params=params,
+        lower_bound=jnp.asarray(-jnp.inf, dtype),
+        lower_bounds=jnp.full((max(max_iter, 1),), jnp.nan, dtype),
+        n_iter=jnp.asarray(0, jnp.int32),
+        converged=jnp.asarray(False),
+        failed=~_all_finite(params),
+    )
+    out = jax.lax.while_loop(cond, body, init)
+    return out._replace(lower_bounds=out.lower_bounds[:max_iter])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_iter"))
+def _fit_jit(model, x, weights, params, tol, max_iter, hyper):
+    return _run(model, x, weights, params, tol, max_iter, hyper)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_iter", "n_init", "n_components", "init_method")
+)
+def _restarts_jit(model, x, weights, key, tol, max_iter, n_init, n_components, init_method,
+                  init_kwargs, hyper):
+    def one(k):
+        params = model.init(
+            k, x, n_components, weights=weights, method=init_method, **init_kwargs, **hyper
+        )
+        return _run(model, x, weights, params, tol, max_iter, hyper)
+
+    runs = jax.vmap(one)(jax.random.split(key, n_init))
+    # Pick the best on device: highest lower bound; a restart that never produced a finite
+    # bound cannot win.
+    score = jnp.where(jnp.isfinite(runs.lower_bound), runs.lower_bound, -jnp.inf)
+    best_index = jnp.argmax(score).astype(jnp.int32)
+    best = jax.tree_util.tree_map(lambda a: a[best_index], runs)
+    return RestartsResult(best, best_index, runs)
+
+
+def _check_common(model, x, weights, tol, max_iter, hyper):
+    if not hasattr(model, "e_step") or not hasattr(model, "m_step"):
+        raise TypeError(f"model must define e_step and m_step, got {type(model).__name__}")
+    try:
+        hash(model)
+    except TypeError as e:
+        raise TypeError(f"model must be hashable (it is a static argument): {e}") from None
+    _validation.check_data(x, "x")
+    if not _validation.is_traced(x):
+        _validation.check_sample_weight(weights, np.shape(x)[0], "weights")
+    _validation.check_int(max_iter, "max_iter", 0)
+    if not _validation.is_traced(tol):
+        tol_value = float(np.asarray(tol))
+        if math.isnan(tol_value):
+            raise ValueError("tol must not be NaN")
+    for name, value in hyper.items():
+        _validation.check_real(value, name)
+    if hasattr(model, "check_hyper"):
+        model.check_hyper(**hyper)
+
+
+def _as_float(x, dtype=None):
+    x = jnp.asarray(x)
+    if dtype is None:
+        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+    return x.astype(dtype)
+
+
+def fit(
+    model,
+    x: jax.typing.ArrayLike,
+    params,
+    *,
+    weights: jax.typing.ArrayLike | None = None,
+    tol: jax.typing.ArrayLike = 1e-3,
+    max_iter: int = 100,
+    **hyper,
+) -> FitResult:
+    """Run EM from ``params`` until convergence, as one compiled program.
+
+    Args:
+      model: the model (hashable, static), e.g. ``jaxem.gmm.GaussianMixtureModel("full")``.
+      x: (N, D) data.
+      params: initial parameters (the model's pytree).
+      weights: optional (N,) non-negative per-sample weights.
+      tol: stop when the mean log-likelihood changes by less than this (traced: changing it
+        does not recompile). A negative ``tol`` runs exactly ``max_iter`` iterations.
+      max_iter: iteration cap (static: it sizes the history buffer).
+      **hyper: hyperparameters of the model's M-step, e.g. ``reg_covar`` (traced).
+
+    Returns:
+      :class:`FitResult`.
+    """
+    _check_common(model, x, weights, tol, max_iter, hyper)
+    if not _validation.is_traced(params) and not bool(_all_finite(params)):
+        raise ValueError("params contain NaN or infinite values")
+    dtype = _ll_dtype(params)
+    x = _as_float(x, dtype)
+    weights = None if weights is None else _as_float(weights, dtype)
+    hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
+    return _fit_jit(model, x, weights, params, jnp.asarray(tol, dtype), max_iter, hyper)
+
+
+def fit_restarts(
+    model,
+    x: jax.typing.ArrayLike,
+    key: jax.Array,
+    *,
+    n_components: int,
+    n_init: int = 1,
+    init_method: str = "kmeans",
+    weights: jax.typing.ArrayLike | None = None,
+    tol: jax.typing.ArrayLike = 1e-3,
+    max_iter: int = 100,
+    init_kwargs: dict | None = None,
+    **hyper,
+) -> RestartsResult:
+    """``n_init`` independent initialisations and fits, vmapped in one compiled program.
+
+    Each restart initialises with ``model.init`` from its own key (split from ``key``) and
+    runs :func:`fit`'s loop; a restart that has stopped stays frozen while the others go on.
+    The best (highest final lower bound) is selected on device.
+
+    Args:
+      model: the model (hashable, static).
+      x: (N, D) data.
+      key: PRNG key.
+      n_components: K (static).
+      n_init: number of restarts (static).
+      init_method: initialisation passed to ``model.init`` (static), e.g. ``"kmeans"``.
+      weights: optional (N,) per-sample weights.
+      tol: convergence tolerance (traced).
+      max_iter: iteration cap (static).
+      init_kwargs: extra traced arrays for ``model.init`` (e.g. ``means_init``).
+      **hyper: M-step hyperparameters (traced), also passed to ``model.init``.
+
+    Returns:
+      :class:`RestartsResult` with the best fit, its index, and every restart's result.
+    """
+    _check_common(model, x, weights, tol, max_iter, hyper)
+    _validation.check_int(n_components, "n_components", 1)
+    _validation.check_int(n_init, "n_init", 1)
+    _validation.check_data(x, "x", min_samples=n_components)
+    x = _as_float(x)
+    dtype = x.dtype
+    weights = None if weights is None else _as_float(weights, dtype)
+    hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
+    init_kwargs = {k: jnp.asarray(v, dtype) for k, v in (init_kwargs or {}).items()}
+    return _restarts_jit(
+        model, x, weights, key, jnp.asarray(tol, dtype), max_iter, n_init, n_components,
+        init_method, init_kwargs, hyper,
+    )

@@ -1,0 +1,432 @@
+"""The Gaussian mixture model: params, log-joint, E-step, M-step, initialisation, sampling.
+
+Conventions are scikit-learn's (``sklearn.mixture.GaussianMixture``): the four covariance
+types ``full``, ``tied``, ``diag``, ``spherical`` with the same array shapes, precision
+Cholesky factors, ``reg_covar`` added to the diagonal and ``nk + 10 * eps`` in the M-step.
+
+The E-step returns *additive* sufficient statistics (sums over samples), centred on the
+current means so float32 stays accurate when the data sit far from the origin; the M-step is a
+closed-form function of those statistics alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxem import _validation
+from jaxem._linalg import (
+    PRECISION,
+    covariances_from_precision_cholesky,
+    log_det_precision_cholesky,
+    precision_cholesky,
+    precision_cholesky_from_precisions,
+    squared_mahalanobis,
+)
+from jaxem.kmeans import kmeans, kmeans_plusplus
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GMMParams:
+    """Parameters of a Gaussian mixture (a pytree; ``covariance_type`` is static).
+
+    ``covariances`` and ``precisions_cholesky`` have the shape of the covariance type:
+    full (K, D, D), tied (D, D), diag (K, D), spherical (K,).
+    """
+
+    weights: jax.Array  # (K,) mixing proportions, sum to 1
+    means: jax.Array  # (K, D)
+    covariances: jax.Array  # see class docstring
+    precisions_cholesky: jax.Array  # same shape as covariances; P @ P.T = inv(covariance)
+    covariance_type: str = dataclasses.field(default="full", metadata=dict(static=True))
+
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.means.shape[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GMMStats:
+    """Expected sufficient statistics of a Gaussian mixture, summed over samples.
+
+    Moments are taken about ``shift`` (the means the E-step used), so they are additive over
+    any partition of the samples that shares the same ``shift``.
+    """
+
+    nk: jax.Array  # (K,) Σ_n w_n r_nk
+    sum_x: jax.Array  # (K, D) Σ_n w_n r_nk (x_n - shift_k)
+    sum_xx: jax.Array  # full (K, D, D), tied (D, D), diag/spherical (K, D): second moments
+    shift: jax.Array  # (K, D) centring point of the moments
+    covariance_type: str = dataclasses.field(default="full", metadata=dict(static=True))
+
+
+def make_params(
+    weights: jax.typing.ArrayLike,
+    means: jax.typing.ArrayLike,
+    covariances: jax.typing.ArrayLike | None = None,
+    covariance_type: str = "full",
+    *,
+    precisions: jax.typing.ArrayLike | None = None,
+) -> GMMParams:
+    """Build a :class:`GMMParams` from weights, means and covariances (or precisions).
+
+    Args:
+      weights: (K,) mixing proportions summing to 1.
+      means: (K, D) component means.
+      covariances: covariances in scikit-learn's shape for ``covariance_type``.
+      covariance_type: ``full``, ``tied``, ``diag`` or ``spherical``.
+      precisions: instead of ``covariances``, precision matrices of the same shape.
+
+    Returns:
+      The params pytree, with precision Cholesky factors computed. Concrete (non-traced)
+      inputs are validated eagerly: wrong shapes, non-finite values, weights not summing to one
+      or matrices that are not positive definite raise ``ValueError``.
+    """
+    _validation.check_covariance_type(covariance_type)
+    if (covariances is None) == (precisions is None):
+        raise ValueError("give exactly one of covariances and precisions")
+    if not _validation.is_traced(weights, means, covariances, precisions):
+        m = np.asarray(means)
+        if m.ndim != 2:
+            raise ValueError(f"means must be 2-D (n_components, n_features), got shape {m.shape}")
+        k, d = m.shape
+        _validation.check_weights_init(weights, k, "weights")
+        _validation.check_means_init(means, k, d, "means")
+        name = "covariances" if precisions is None else "precisions"
+        _validation.check_spd(
+            covariances if precisions is None else precisions, covariance_type, k, d, name
+        )
+    means = jnp.asarray(means)
+    dtype = means.dtype if jnp.issubdtype(means.dtype, jnp.floating) else jnp.result_type(float)
+    means = means.astype(dtype)
+    weights = jnp.asarray(weights, dtype)
+    if precisions is None:
+        covariances = jnp.asarray(covariances, dtype)
+        prec_chol = precision_cholesky(covariances, covariance_type)
+    else:
+        prec_chol = precision_cholesky_from_precisions(jnp.asarray(precisions, dtype), covariance_type)
+        covariances = covariances_from_precision_cholesky(prec_chol, covariance_type)
+    return GMMParams(weights, means, covariances, prec_chol, covariance_type)
+
+
+def _diff(params: GMMParams, x: jax.Array) -> jax.Array:
+    # (N, K, D) x_n - μ_k. Formed directly (not by expanding the square) because the
+    # expanded form cancels catastrophically in float32 when |x| >> spread.
+    return x[:, None, :] - params.means[None, :, :]
+
+
+def _log_joint_from_diff(params: GMMParams, diff: jax.Array) -> jax.Array:
+    d = params.n_features
+    sq = squared_mahalanobis(diff, params.precisions_cholesky, params.covariance_type)
+    log_det = log_det_precision_cholesky(params.precisions_cholesky, params.covariance_type, d)
+    return -0.5 * (d * _LOG_2PI + sq) + log_det + jnp.log(params.weights)[None, :]
+
+
+def log_joint(params: GMMParams, x: jax.Array) -> jax.Array:
+    """``log π_k + log N(x_n | μ_k, Σ_k)`` for every sample and component.
+
+    Args:
+      params: mixture parameters.
+      x: (N, D) data.
+
+    Returns:
+      (N, K) log-joint matrix.
+    """
+    x = jnp.asarray(x, params.means.dtype)
+    return _log_joint_from_diff(params, _diff(params, x))
+
+
+def _moments(diff: jax.Array, wr: jax.Array, covariance_type: str):
+    """Weighted moments about the centring point of ``diff``.
+
+    Args:
+      diff: (N, K, D) samples minus the centring point of each component.
+      wr: (N, K) sample weight times responsibility.
+    """
+    nk = jnp.sum(wr, axis=0)
+    sum_x = jnp.einsum("nk,nkd->kd", wr, diff, precision=PRECISION)
+    if covariance_type == "full":
+        sum_xx = jnp.einsum("nkd,nke->kde", wr[..., None] * diff, diff, precision=PRECISION)
+    elif covariance_type == "tied":
+        sum_xx = jnp.einsum("nkd,nke->de", wr[..., None] * diff, diff, precision=PRECISION)
+    else:
+        sum_xx = jnp.einsum("nk,nkd->kd", wr, diff * diff, precision=PRECISION)
+    return nk, sum_x, sum_xx
+
+
+def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array):
+    diff = _diff(params, x)
+    log_prob = _log_joint_from_diff(params, diff)
+    log_norm = jax.nn.logsumexp(log_prob, axis=1)
+    wr = w[:, None] * jnp.exp(log_prob - log_norm[:, None])
+    moments = _moments(diff, wr, params.covariance_type)
+    # Weight-zero rows (padding) must add exactly zero, even if their log-density overflowed.
+    total = jnp.sum(jnp.where(w > 0, w * log_norm, 0.0))
+    return moments, total
+
+
+def e_step(
+    params: GMMParams,
+    x: jax.Array,
+    weights: jax.Array | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[GMMStats, jax.Array]:
+    """E-step: responsibilities, reduced at once to expected sufficient statistics.
+
+    Args:
+      params: current parameters.
+      x: (N, D) data.
+      weights: optional (N,) non-negative sample weights (default: all ones).
+      chunk_size: if given (static), stream the samples through in blocks of this many
+        rows with ``lax.scan``; peak memory is then O(chunk_size·K·D) instead of O(N·K·D).
+
+    Returns:
+      ``(stats, log_likelihood)``: the statistics summed over samples, and the weighted mean
+      of ``log p(x_n)``, ``Σ w_n log p(x_n) / Σ w_n``.
+    """
+    dtype = params.means.dtype
+    x = jnp.asarray(x, dtype)
+    n = x.shape[0]
+    w = jnp.ones((n,), dtype) if weights is None else jnp.asarray(weights, dtype)
+    if chunk_size is None or chunk_size >= n:
+        (nk, sum_x, sum_xx), total = _e_step_block(params, x, w)
+    else:
+        n_chunks = -(-n // chunk_size)
+        pad = n_chunks * chunk_size - n
+        # Padding repeats the last row with weight zero, so it adds nothing to any sum.
+        xb = jnp.pad(x, ((0, pad), (0, 0)), mode="edge").reshape(n_chunks, chunk_size, -1)
+        wb = jnp.pad(w, (0, pad)).reshape(n_chunks, chunk_size)
+
+        def step(acc, block):
+            moments, total = _e_step_block(params, *block)
+            return jax.tree_util.tree_map(jnp.add, acc, (moments, total)), None
+
+        zeros = jax.eval_shape(lambda: _e_step_block(params, xb[0], wb[0]))
+        acc0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        ((nk, sum_x, sum_xx), total), _ = jax.lax.scan(step, acc0, (xb, wb))
+    stats = GMMStats(nk, sum_x, sum_xx, params.means, params.covariance_type)
+    return stats, total / jnp.sum(w)
+
+
+def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
+    """M-step: the parameters maximising the expected complete-data log-likelihood.
+
+    Args:
+      stats: expected sufficient statistics from :func:`e_step`.
+      reg_covar: non-negative value added to the covariance diagonals (traced).
+
+    Returns:
+      New parameters: responsibility-weighted means, covariances and weights. A component
+      with no responsibility keeps its previous mean and gets covariance ``reg_covar``.
+    """
+    cov_type = stats.covariance_type
+    dtype = stats.sum_x.dtype
+    nk = stats.nk
+    # scikit-learn's guard against empty components: nk + 10 * eps.
+    nk_eps = nk + 10 * jnp.finfo(dtype).eps
+    delta = stats.sum_x / nk_eps[:, None]  # (K, D) new mean minus shift
+    means = stats.shift + delta
+    # Σ_n r (d - δ)(d - δ)^T = S2 - (2 nk_eps - nk) δ δ^T, exactly as if centred on the new
+    # means (d = x - shift, δ = sum_x / nk_eps).
+    c = 2 * nk_eps - nk
+    if cov_type == "full":
+        cov = (stats.sum_xx - c[:, None, None] * delta[:, :, None] * delta[:, None, :])
+        cov = cov / nk_eps[:, None, None]
+        cov = cov + reg_covar * jnp.eye(cov.shape[-1], dtype=dtype)
+    elif cov_type == "tied":
+        outer = jnp.einsum("k,kd,ke->de", c, delta, delta, precision=PRECISION)
+        cov = (stats.sum_xx - outer) / jnp.sum(nk_eps)
+        cov = cov + reg_covar * jnp.eye(cov.shape[-1], dtype=dtype)
+    else:
+        var = (stats.sum_xx - c[:, None] * delta**2) / nk_eps[:, None] + reg_covar
+        cov = var if cov_type == "diag" else jnp.mean(var, axis=1)
+    cov = cov.astype(dtype)
+    weights = nk_eps / jnp.sum(nk_eps)
+    return GMMParams(weights, means, cov, precision_cholesky(cov, cov_type), cov_type)
+
+
+def posterior(params: GMMParams, x: jax.Array) -> jax.Array:
+    """(N, K) log responsibilities ``log p(z_n = k | x_n)``."""
+    lj = log_joint(params, x)
+    return lj - jax.nn.logsumexp(lj, axis=1, keepdims=True)
+
+
+def score_samples(params: GMMParams, x: jax.Array) -> jax.Array:
+    """(N,) log densities ``log p(x_n)``."""
+    return jax.nn.logsumexp(log_joint(params, x), axis=1)
+
+
+def n_parameters(params: GMMParams) -> int:
+    """Number of free parameters (for BIC/AIC), as scikit-learn counts them."""
+    k, d = params.means.shape
+    cov = {
+        "full": k * d * (d + 1) // 2,
+        "tied": d * (d + 1) // 2,
+        "diag": k * d,
+        "spherical": k,
+    }[params.covariance_type]
+    return int(cov + k * d + k - 1)
+
+
+def _resp_init(key, x, w, n_components: int, method: str):
+    n = x.shape[0]
+    if method == "kmeans":
+        labels = kmeans(key, x, n_components, w).labels
+        return jax.nn.one_hot(labels, n_components, dtype=x.dtype)
+    if method == "k-means++":
+        centers = kmeans_plusplus(key, x, n_components, w)
+        d2 = jnp.sum((x[:, None, :] - centers[None]) ** 2, axis=-1)
+        return jax.nn.one_hot(jnp.argmin(d2, axis=1), n_components, dtype=x.dtype)
+    if method == "random":
+        resp = jax.random.uniform(key, (n, n_components), x.dtype)
+        return resp / jnp.sum(resp, axis=1, keepdims=True)
+    # random_from_data: K distinct samples (drawn by weight), one per component.
+    idx = jax.random.choice(key, n, (n_components,), replace=False, p=w / jnp.sum(w))
+    return jnp.zeros((n, n_components), x.dtype).at[idx, jnp.arange(n_components)].set(1.0)
+
+
+def init(
+    key: jax.Array,
+    x: jax.Array,
+    n_components: int,
+    covariance_type: str = "full",
+    *,
+    method: str = "kmeans",
+    weights: jax.Array | None = None,
+    reg_covar: jax.typing.ArrayLike = 1e-6,
+    weights_init: jax.Array | None = None,
+    means_init: jax.Array | None = None,
+    precisions_init: jax.Array | None = None,
+) -> GMMParams:
+    """Initial parameters, as scikit-learn's ``init_params``.
+
+    Responsibilities come from ``method`` (``kmeans``: one-hot k-means labels; ``k-means++``:
+    nearest k-means++ seed; ``random``: uniform random rows; ``random_from_data``: K samples
+    picked as seeds); one M-step turns them into parameters, then any user-given
+    ``weights_init``/``means_init``/``precisions_init`` replace the estimate. Unlike
+    scikit-learn, the initial weights always sum to one (scikit-learn divides by N, which for
+    ``random_from_data`` leaves them summing to K/N).
+
+    Args:
+      key: PRNG key.
+      x: (N, D) data.
+      n_components: K (static).
+      covariance_type: static.
+      method: static, one of the four names above.
+      weights: optional (N,) sample weights.
+      reg_covar: regularisation added to covariance diagonals.
+      weights_init: optional (K,) weights.
+      means_init: optional (K, D) means.
+      precisions_init: optional precisions in the shape of ``covariance_type``.
+
+    Returns:
+      :class:`GMMParams`.
+    """
+    _validation.check_covariance_type(covariance_type)
+    _validation.check_init_method(method)
+    x = jnp.asarray(x)
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
+    x = x.astype(dtype)
+    w = jnp.ones(x.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
+    resp = _resp_init(key, x, w, n_components, method)
+    center = jnp.sum(w[:, None] * x, axis=0) / jnp.sum(w)
+    shift = jnp.broadcast_to(center, (n_components, x.shape[1]))
+    moments = _moments(x[:, None, :] - shift[None], w[:, None] * resp, covariance_type)
+    params = m_step(GMMStats(*moments, shift, covariance_type), reg_covar)
+    if weights_init is not None:
+        params = dataclasses.replace(params, weights=jnp.asarray(weights_init, dtype))
+    if means_init is not None:
+        params = dataclasses.replace(params, means=jnp.asarray(means_init, dtype))
+    if precisions_init is not None:
+        pc = precision_cholesky_from_precisions(jnp.asarray(precisions_init, dtype), covariance_type)
+        params = dataclasses.replace(
+            params,
+            precisions_cholesky=pc,
+            covariances=covariances_from_precision_cholesky(pc, covariance_type),
+        )
+    return params
+
+
+def sample(key: jax.Array, params: GMMParams, n_samples: int) -> tuple[jax.Array, jax.Array]:
+    """Draw samples from the mixture.
+
+    Args:
+      key: PRNG key.
+      params: mixture parameters.
+      n_samples: number of samples (static).
+
+    Returns:
+      ``(x, labels)``: (n_samples, D) samples and (n_samples,) component labels, sorted by
+      label as scikit-learn returns them.
+    """
+    k_label, k_noise = jax.random.split(key)
+    k, d = params.means.shape
+    dtype = params.means.dtype
+    labels = jnp.sort(jax.random.categorical(k_label, jnp.log(params.weights), shape=(n_samples,)))
+    eps = jax.random.normal(k_noise, (n_samples, d), dtype)
+    cov = params.covariances
+    if params.covariance_type in ("full", "tied"):
+        chol = jnp.linalg.cholesky(cov)
+        chol = chol[labels] if params.covariance_type == "full" else chol[None]
+        noise = jnp.einsum("nde,ne->nd", chol, eps, precision=PRECISION)
+    elif params.covariance_type == "diag":
+        noise = jnp.sqrt(cov[labels]) * eps
+    else:
+        noise = jnp.sqrt(cov[labels])[:, None] * eps
+    return params.means[labels] + noise, labels.astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianMixtureModel:
+    """The Gaussian mixture as an EM model: what the drivers in :mod:`jaxem.em` call.
+
+    Immutable and hashable, so it is a static argument of the jitted drivers.
+
+    Attributes:
+      covariance_type: ``full``, ``tied``, ``diag`` or ``spherical``.
+      chunk_size: optional E-step block size (see :func:`e_step`).
+    """
+
+    covariance_type: str = "full"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        _validation.check_covariance_type(self.covariance_type)
+        if self.chunk_size is not None:
+            _validation.check_int(self.chunk_size, "chunk_size", 1)
+
+    def check_hyper(self, reg_covar=1e-6, **unknown):
+        """Eager check of the M-step hyperparameters (called by the drivers)."""
+        if unknown:
+            raise TypeError(f"unknown hyperparameter(s) for the GMM: {sorted(unknown)}")
+        _validation.check_real(reg_covar, "reg_covar", minimum=0.0)
+
+    def log_joint(self, params: GMMParams, x: jax.Array) -> jax.Array:
+        return log_joint(params, x)
+
+    def e_step(self, params: GMMParams, x: jax.Array, weights: jax.Array | None = None):
+        return e_step(params, x, weights, chunk_size=self.chunk_size)
+
+    def m_step(self, stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
+        return m_step(stats, reg_covar)
+
+    def init(self, key, x, n_components: int, *, weights=None, method="kmeans", **kwargs):
+        return init(
+            key, x, n_components, self.covariance_type, method=method, weights=weights, **kwargs
+        )
+
+    def n_parameters(self, params: GMMParams) -> int:
+        return n_parameters(params)
