@@ -341,10 +341,14 @@ def init(
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
     x = x.astype(dtype)
     w = jnp.ones(x.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
-    resp = _resp_init(key, x, w, n_components, method)
+    wr = w[:, None] * _resp_init(key, x, w, n_components, method)
+    # Two passes: centre the moments on the responsibility-weighted means first, so that
+    # e.g. a single seed point gives a covariance of exactly reg_covar even in float32.
+    nk = jnp.sum(wr, axis=0)
     center = jnp.sum(w[:, None] * x, axis=0) / jnp.sum(w)
-    shift = jnp.broadcast_to(center, (n_components, x.shape[1]))
-    moments = _moments(x[:, None, :] - shift[None], w[:, None] * resp, covariance_type)
+    sums = jnp.matmul(wr.T, x, precision=PRECISION)
+    shift = jnp.where(nk[:, None] > 0, sums / jnp.where(nk > 0, nk, 1.0)[:, None], center)
+    moments = _moments(x[:, None, :] - shift[None], wr, covariance_type)
     params = m_step(GMMStats(*moments, shift, covariance_type), reg_covar)
     if weights_init is not None:
         params = dataclasses.replace(params, weights=jnp.asarray(weights_init, dtype))

@@ -1,0 +1,75 @@
+"""Test helpers: tree comparison and brute-force oracles."""
+
+import itertools
+
+import jax
+import numpy as np
+from scipy.stats import multivariate_normal
+
+
+def enable_x64():
+    """Context manager turning on JAX's float64 mode (API moved across JAX versions)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64 as legacy  # pragma: no cover - older JAX
+
+    return legacy()
+
+
+def tree_allclose(a, b, rtol=1e-7, atol=0.0) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+        return False
+    return all(np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+               for x, y in zip(la, lb, strict=True))
+
+
+def full_covariances(params) -> np.ndarray:
+    """(K, D, D) covariance matrices for any covariance type."""
+    cov = np.asarray(params.covariances, dtype=float)
+    k, d = np.asarray(params.means).shape
+    return {
+        "full": lambda: cov,
+        "tied": lambda: np.broadcast_to(cov, (k, d, d)),
+        "diag": lambda: np.stack([np.diag(c) for c in cov]),
+        "spherical": lambda: cov[:, None, None] * np.eye(d),
+    }[params.covariance_type]()
+
+
+def log_joint_oracle(params, x) -> np.ndarray:
+    """(N, K) log π_k + log N(x_n | μ_k, Σ_k) with scipy, component by component."""
+    covs = full_covariances(params)
+    w = np.asarray(params.weights, float)
+    means = np.asarray(params.means, float)
+    return np.stack([np.log(w[k]) + multivariate_normal(means[k], covs[k]).logpdf(x)
+                     for k in range(len(w))], axis=1).reshape(len(x), len(w))
+
+
+def log_likelihood_by_enumeration(params, x) -> float:
+    """log p(x) as the sum over all K^N latent assignments of the complete-data likelihood."""
+    lj = log_joint_oracle(params, np.asarray(x, float))
+    n, k = lj.shape
+    terms = [sum(lj[i, z[i]] for i in range(n)) for z in itertools.product(range(k), repeat=n)]
+    terms = np.array(terms)
+    m = terms.max()
+    return float(m + np.log(np.sum(np.exp(terms - m))))
+
+
+def random_params(rng, k, d, covariance_type, dtype=np.float64):
+    """Random valid GMM params (via jaxem.gmm.make_params)."""
+    from jaxem import gmm
+
+    w = rng.dirichlet(np.ones(k) * 2)
+    means = rng.normal(size=(k, d)) * 2
+    if covariance_type == "full":
+        a = rng.normal(size=(k, d, d))
+        cov = a @ np.swapaxes(a, 1, 2) + np.eye(d)
+    elif covariance_type == "tied":
+        a = rng.normal(size=(d, d))
+        cov = a @ a.T + np.eye(d)
+    elif covariance_type == "diag":
+        cov = rng.uniform(0.5, 2.0, size=(k, d))
+    else:
+        cov = rng.uniform(0.5, 2.0, size=(k,))
+    return gmm.make_params(w.astype(dtype), means.astype(dtype), cov.astype(dtype),
+                           covariance_type)

@@ -1,0 +1,246 @@
+"""The Gaussian mixture model: densities, E-step, M-step, init, sampling, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import enable_x64, log_joint_oracle, log_likelihood_by_enumeration, random_params, tree_allclose
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxem import gmm
+
+COV_TYPES = ["full", "tied", "diag", "spherical"]
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_log_joint_matches_scipy(x64, rng, cov_type):
+    params = random_params(rng, 3, 4, cov_type)
+    x = rng.normal(size=(50, 4)) * 3
+    np.testing.assert_allclose(gmm.log_joint(params, x), log_joint_oracle(params, x), rtol=1e-10)
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_log_likelihood_equals_sum_over_all_assignments(x64, rng, cov_type):
+    # Brute-force oracle: Σ over all K^N latent paths of p(x, z) (N=5, K=3: 243 terms).
+    params = random_params(rng, 3, 2, cov_type)
+    x = rng.normal(size=(5, 2)) * 2
+    _, ll = gmm.e_step(params, x)
+    np.testing.assert_allclose(5 * ll, log_likelihood_by_enumeration(params, x), rtol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), cov_type=st.sampled_from(COV_TYPES),
+       scale=st.floats(0.01, 100.0))
+def test_responsibilities_sum_to_one(seed, cov_type, scale):
+    rng = np.random.default_rng(seed)
+    params = random_params(rng, 4, 3, cov_type, dtype=np.float32)
+    x = (rng.normal(size=(30, 3)) * scale).astype(np.float32)
+    log_resp = gmm.posterior(params, x)
+    assert np.all(np.isfinite(log_resp))
+    # exp(L - logsumexp L) carries a float32 rounding of about eps·|log p(x_n)|.
+    log_norm = np.abs(np.asarray(gmm.score_samples(params, x)))
+    tol = 8 * np.finfo(np.float32).eps * np.maximum(1.0, log_norm)
+    assert np.all(np.abs(np.exp(log_resp).sum(axis=1) - 1.0) <= tol)
+
+
+def weighted_moments_by_hand(x, resp, w, reg, cov_type):
+    """M-step written out with numpy, one component at a time."""
+    eps = 10 * np.finfo(np.float64).eps
+    nk = (w[:, None] * resp).sum(0) + eps
+    means = (w[:, None] * resp).T @ x / nk[:, None]
+    covs = []
+    for k in range(resp.shape[1]):
+        d = x - means[k]
+        covs.append((w * resp[:, k] * d.T) @ d / nk[k])
+    covs = np.array(covs)
+    dim = x.shape[1]
+    if cov_type == "full":
+        cov = covs + reg * np.eye(dim)
+    elif cov_type == "tied":
+        cov = (nk[:, None, None] * covs).sum(0) / nk.sum() + reg * np.eye(dim)
+    elif cov_type == "diag":
+        cov = np.diagonal(covs, axis1=1, axis2=2) + reg
+    else:
+        cov = np.diagonal(covs, axis1=1, axis2=2).mean(1) + reg
+    return nk / nk.sum(), means, cov
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_m_step_equals_weighted_moments_by_hand(x64, rng, cov_type):
+    params = random_params(rng, 3, 3, cov_type)
+    x = rng.normal(size=(40, 3)) * 2 + 1
+    w = rng.uniform(0.1, 3.0, size=40)
+    stats, _ = gmm.e_step(params, x, w)
+    new = gmm.m_step(stats, reg_covar=0.01)
+    resp = np.exp(np.asarray(gmm.posterior(params, x)))
+    weights, means, cov = weighted_moments_by_hand(x, resp, w, 0.01, cov_type)
+    np.testing.assert_allclose(new.weights, weights, rtol=1e-10)
+    np.testing.assert_allclose(new.means, means, rtol=1e-10)
+    np.testing.assert_allclose(new.covariances, cov, rtol=1e-10)
+    # The precision factor is consistent with the covariance.
+    np.testing.assert_allclose(
+        gmm.make_params(weights, means, cov, cov_type).precisions_cholesky,
+        new.precisions_cholesky, rtol=1e-8)
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_integer_weights_equal_repeated_samples(x64, rng, cov_type):
+    params = random_params(rng, 2, 2, cov_type)
+    x = rng.normal(size=(20, 2))
+    counts = rng.integers(0, 4, size=20)
+    counts[0] = 1
+    s_w, ll_w = gmm.e_step(params, x, counts.astype(float))
+    s_r, ll_r = gmm.e_step(params, np.repeat(x, counts, axis=0))
+    assert tree_allclose(s_w, s_r, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ll_w, ll_r, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+@pytest.mark.parametrize("chunk_size", [1, 7, 32, 1000])
+def test_chunked_e_step_equals_single_pass(x64, rng, cov_type, chunk_size):
+    params = random_params(rng, 3, 2, cov_type)
+    x = rng.normal(size=(45, 2))
+    w = rng.uniform(size=45)
+    s1, ll1 = gmm.e_step(params, x, w)
+    s2, ll2 = gmm.e_step(params, x, w, chunk_size=chunk_size)
+    assert tree_allclose(s1, s2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ll1, ll2, rtol=1e-12)
+
+
+def test_covariance_types_agree_in_one_dimension(x64, rng):
+    x = np.concatenate([rng.normal(-2, 0.5, 60), rng.normal(3, 1.5, 40)])[:, None]
+    w = np.array([0.5, 0.5])
+    means = np.array([[-1.0], [1.0]])
+    var = np.array([1.0, 2.0])
+    covs = {"full": var[:, None, None], "diag": var[:, None], "spherical": var}
+    results = {}
+    for ct, cov in covs.items():
+        params = gmm.make_params(w, means, cov, ct)
+        for _ in range(5):
+            stats, ll = gmm.e_step(params, x)
+            params = gmm.m_step(stats, reg_covar=1e-6)
+        results[ct] = (ll, params.means, params.covariances.reshape(-1))
+    for ct in ("diag", "spherical"):
+        for a, b in zip(results["full"], results[ct], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_float32_accurate_with_large_offset(rng, cov_type):
+    # Data far from the origin (mean 1e4, unit spread): centred moments keep float32 exact
+    # enough that one EM step matches float64 closely.
+    x = rng.normal(size=(300, 3)) + 1e4
+    params64 = random_params(rng, 2, 3, cov_type)
+    means = x[:2] + 0.1
+    with enable_x64():
+        p64 = gmm.make_params(np.asarray(params64.weights), means,
+                              np.asarray(params64.covariances), cov_type)
+        s, ll64 = gmm.e_step(p64, x)
+        new64 = gmm.m_step(s)
+        _, ll64_next = gmm.e_step(new64, x)
+        ll64, ll64_next = float(ll64), float(ll64_next)
+    p32 = gmm.make_params(np.asarray(params64.weights, np.float32), means.astype(np.float32),
+                          np.asarray(params64.covariances, np.float32), cov_type)
+    x32 = x.astype(np.float32)
+    s, ll32 = gmm.e_step(p32, x32)
+    _, ll32_next = gmm.e_step(gmm.m_step(s), x32)
+    # x itself is rounded to float32 (spacing ~1e-3 at 1e4), so compare at that scale.
+    assert abs(float(ll32) - ll64) < 1e-4 * abs(ll64) + 1e-3
+    assert abs(float(ll32_next) - ll64_next) < 1e-4 * abs(ll64_next) + 1e-3
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_empty_component_stays_finite(x64, rng, cov_type):
+    x = rng.normal(size=(50, 2))
+    params = gmm.make_params(np.array([0.5, 0.5]), np.array([[0.0, 0.0], [1e3, 1e3]]),
+                             random_params(rng, 2, 2, cov_type).covariances, cov_type)
+    stats, _ = gmm.e_step(params, x)
+    new = gmm.m_step(stats, reg_covar=1e-6)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(new))
+    np.testing.assert_allclose(new.means[1], [1e3, 1e3])  # keeps its previous mean
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_sample_moments(rng, cov_type):
+    params = random_params(rng, 2, 2, cov_type, dtype=np.float32)
+    x, labels = gmm.sample(jax.random.PRNGKey(1), params, 40000)
+    assert x.shape == (40000, 2) and np.all(np.diff(np.asarray(labels)) >= 0)
+    labels = np.asarray(labels)
+    np.testing.assert_allclose(np.bincount(labels, minlength=2) / 40000, params.weights, atol=0.01)
+    from helpers import full_covariances
+    covs = full_covariances(params)
+    for k in range(2):
+        xk = np.asarray(x)[labels == k]
+        np.testing.assert_allclose(xk.mean(0), params.means[k], atol=0.1 * np.sqrt(covs[k].max()))
+        np.testing.assert_allclose(np.cov(xk.T), covs[k], atol=0.1 * covs[k].max())
+
+
+@pytest.mark.parametrize("method", ["kmeans", "k-means++", "random", "random_from_data"])
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_init_methods_give_valid_params(blobs, method, cov_type):
+    params = gmm.init(jax.random.PRNGKey(0), blobs.astype(np.float32), 3, cov_type, method=method)
+    assert params.means.shape == (3, 2)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(params))
+    np.testing.assert_allclose(params.weights.sum(), 1.0, rtol=1e-6)
+
+
+def test_init_overrides(blobs):
+    means = blobs[:3]
+    prec = np.stack([np.eye(2) * 2.0] * 3)
+    params = gmm.init(jax.random.PRNGKey(0), blobs, 3, "full", means_init=means,
+                      precisions_init=prec, weights_init=np.array([0.2, 0.3, 0.5]))
+    np.testing.assert_allclose(params.means, means, rtol=1e-6)
+    np.testing.assert_allclose(params.covariances, np.linalg.inv(prec), rtol=1e-5)
+    np.testing.assert_allclose(params.weights, [0.2, 0.3, 0.5], rtol=1e-6)
+
+
+def test_make_params_precisions_and_covariances_agree(x64, rng):
+    a = rng.normal(size=(2, 3, 3))
+    cov = a @ np.swapaxes(a, 1, 2) + np.eye(3)
+    p1 = gmm.make_params([0.4, 0.6], rng.normal(size=(2, 3)), cov, "full")
+    p2 = gmm.make_params([0.4, 0.6], p1.means, precisions=np.linalg.inv(cov))
+    x = rng.normal(size=(10, 3))
+    np.testing.assert_allclose(gmm.log_joint(p1, x), gmm.log_joint(p2, x), rtol=1e-10)
+    np.testing.assert_allclose(p2.covariances, cov, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(covariance_type="banana"), "covariance_type"),
+        (dict(weights=[0.5, 0.6]), "sum to 1"),
+        (dict(weights=[1.0]), "weights must have shape"),
+        (dict(means=np.zeros(2)), "means must be 2-D"),
+        (dict(covariances=np.zeros((2, 2, 2))), "positive definite"),
+        (dict(covariances=np.ones((3, 2, 2))), "must have shape"),
+        (dict(means=np.array([[0.0, np.nan], [0, 0]])), "NaN"),
+    ],
+)
+def test_make_params_rejects_bad_input(kwargs, match):
+    args = dict(weights=[0.5, 0.5], means=np.zeros((2, 2)), covariances=np.stack([np.eye(2)] * 2),
+                covariance_type="full")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        gmm.make_params(**args)
+
+
+def test_model_is_hashable_and_validates():
+    assert hash(gmm.GaussianMixtureModel("diag")) == hash(gmm.GaussianMixtureModel("diag"))
+    with pytest.raises(ValueError, match="covariance_type"):
+        gmm.GaussianMixtureModel("banana")
+    with pytest.raises(ValueError, match="chunk_size"):
+        gmm.GaussianMixtureModel("full", chunk_size=0)
+
+
+def test_n_parameters_matches_sklearn_formula(rng):
+    for ct, expect in [("full", 3 * 6 + 3 * 3 + 2), ("tied", 6 + 9 + 2), ("diag", 9 + 9 + 2),
+                       ("spherical", 3 + 9 + 2)]:
+        assert gmm.n_parameters(random_params(rng, 3, 3, ct)) == expect
+
+
+def test_e_step_is_jittable_and_differentiable(rng):
+    params = random_params(rng, 2, 2, "full", dtype=np.float32)
+    x = jnp.asarray(rng.normal(size=(10, 2)), jnp.float32)
+    g = jax.grad(lambda x: jax.jit(gmm.e_step)(params, x)[1])(x)
+    assert g.shape == x.shape and np.all(np.isfinite(g))
