@@ -5,6 +5,8 @@ The drivers know nothing about Gaussians. A *model* is any hashable object with
     e_step(params, x, weights) -> (stats, mean_log_likelihood)
     m_step(stats, **hyper)     -> params
     init(key, x, n_components, *, weights, method, **hyper) -> params   (for fit_restarts)
+    default_hyper() -> dict                            (optional: defaults of **hyper)
+    check_hyper(**hyper)                               (optional: eager validation)
 
 Stopping rule (scikit-learn's): iteration ``i`` runs an E-step at the current parameters,
 records the mean log-likelihood ``ℓ_i`` there, then an M-step; the loop stops once
@@ -121,6 +123,13 @@ def _restarts_jit(model, x, weights, key, tol, max_iter, n_init, n_components, i
     return RestartsResult(best, best_index, runs)
 
 
+def _with_defaults(model, hyper: dict) -> dict:
+    # Fill in the model's default hyperparameters so that passing or omitting one gives the
+    # same traced structure (and hence one compilation).
+    defaults = model.default_hyper() if hasattr(model, "default_hyper") else {}
+    return {**defaults, **hyper}
+
+
 def _check_common(model, x, weights, tol, max_iter, hyper):
     if not hasattr(model, "e_step") or not hasattr(model, "m_step"):
         raise TypeError(f"model must define e_step and m_step, got {type(model).__name__}")
@@ -174,8 +183,11 @@ def fit(
     Returns:
       :class:`FitResult`.
     """
+    hyper = _with_defaults(model, hyper)
     _check_common(model, x, weights, tol, max_iter, hyper)
-    if not _validation.is_traced(params) and not bool(_all_finite(params)):
+    if not _validation.is_traced(params) and not all(
+        np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(params)
+    ):
         raise ValueError("params contain NaN or infinite values")
     dtype = _ll_dtype(params)
     x = _as_float(x, dtype)
@@ -220,6 +232,7 @@ def fit_restarts(
     Returns:
       :class:`RestartsResult` with the best fit, its index, and every restart's result.
     """
+    hyper = _with_defaults(model, hyper)
     _check_common(model, x, weights, tol, max_iter, hyper)
     _validation.check_int(n_components, "n_components", 1)
     _validation.check_int(n_init, "n_init", 1)

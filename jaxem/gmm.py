@@ -412,6 +412,10 @@ class GaussianMixtureModel:
         if self.chunk_size is not None:
             _validation.check_int(self.chunk_size, "chunk_size", 1)
 
+    def default_hyper(self) -> dict:
+        """Default M-step hyperparameters (the drivers fill these in)."""
+        return {"reg_covar": 1e-6}
+
     def check_hyper(self, reg_covar=1e-6, **unknown):
         """Eager check of the M-step hyperparameters (called by the drivers)."""
         if unknown:

@@ -7,13 +7,13 @@ import numpy as np
 from scipy.stats import multivariate_normal
 
 
-def enable_x64():
-    """Context manager turning on JAX's float64 mode (API moved across JAX versions)."""
+def enable_x64(on: bool = True):
+    """Context manager setting JAX's float64 mode (the API moved across JAX versions)."""
     if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
+        return jax.enable_x64(on)
     from jax.experimental import enable_x64 as legacy  # pragma: no cover - older JAX
 
-    return legacy()
+    return legacy(on)
 
 
 def tree_allclose(a, b, rtol=1e-7, atol=0.0) -> bool:

@@ -1,0 +1,96 @@
+"""The ELBO module: log p(x) = ELBO(q) + KL(q ‖ p(z|x)) for any q."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import enable_x64, random_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxem import elbo, gmm
+
+
+def random_log_q(rng, n, k, sharpness, dtype):
+    logits = rng.normal(size=(n, k)) * sharpness
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(logits, dtype), axis=1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), sharpness=st.floats(0.0, 20.0),
+       scale=st.floats(0.1, 30.0), use_x64=st.booleans())
+def test_identity_holds_for_any_q(seed, sharpness, scale, use_x64):
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if use_x64 else np.float32
+    with enable_x64(use_x64):
+        lj = jnp.asarray(rng.normal(size=(20, 4)) * scale - scale, dtype)
+        log_q = random_log_q(rng, 20, 4, sharpness, dtype)
+        log_px = float(elbo.log_marginal(lj))
+        gap = float(elbo.kl_gap(lj, log_q))
+        kl = float(elbo.kl_to_posterior(lj, log_q))
+        bound = float(elbo.elbo(lj, log_q))
+    tol = 1e-10 if use_x64 else 1e-5
+    assert abs(gap) <= tol * max(1.0, abs(log_px))
+    assert kl >= -tol * max(1.0, abs(log_px))
+    assert bound <= log_px + tol * max(1.0, abs(log_px))
+
+
+def test_at_posterior_kl_is_zero_and_elbo_is_log_marginal(x64, rng):
+    lj = jnp.asarray(rng.normal(size=(30, 5)) * 4)
+    post = elbo.posterior(lj)
+    assert abs(float(elbo.kl_to_posterior(lj, post))) < 1e-12
+    np.testing.assert_allclose(elbo.elbo(lj, post), elbo.log_marginal(lj), rtol=1e-12)
+
+
+def test_hard_q_with_zeros_is_finite(x64, rng):
+    # q with exact zeros (log q = -inf): 0·log 0 = 0, nothing becomes NaN.
+    lj = jnp.asarray(rng.normal(size=(10, 3)))
+    labels = rng.integers(0, 3, size=10)
+    log_q = jnp.where(jax.nn.one_hot(labels, 3) > 0, 0.0, -jnp.inf)
+    assert float(elbo.entropy(log_q)) == 0.0
+    for value in (elbo.elbo(lj, log_q), elbo.kl_to_posterior(lj, log_q)):
+        assert np.isfinite(float(value))
+    assert abs(float(elbo.kl_gap(lj, log_q))) < 1e-12
+
+
+def test_entropy_of_uniform(x64):
+    log_q = jnp.full((7, 4), -np.log(4.0))
+    np.testing.assert_allclose(elbo.entropy(log_q), 7 * np.log(4.0), rtol=1e-14)
+
+
+def test_elbo_splits_into_expected_log_joint_plus_entropy(x64, rng):
+    lj = jnp.asarray(rng.normal(size=(10, 3)))
+    log_q = random_log_q(rng, 10, 3, 2.0, np.float64)
+    np.testing.assert_allclose(
+        elbo.elbo(lj, log_q), elbo.expected_log_joint(lj, log_q) + elbo.entropy(log_q),
+        rtol=1e-12)
+
+
+@pytest.mark.parametrize("cov_type", ["full", "tied", "diag", "spherical"])
+def test_elbo_at_e_step_q_equals_driver_log_likelihood(x64, rng, blobs, cov_type):
+    # Along a fit, the ELBO at q = p(z | x, θ_i) equals the log-likelihood EM records at step i.
+    import jaxem
+
+    params = gmm.init(jax.random.PRNGKey(0), blobs, 3, cov_type, method="random")
+    model = gmm.GaussianMixtureModel(cov_type)
+    result = jaxem.fit(model, blobs, params, tol=-1.0, max_iter=6)
+    n = blobs.shape[0]
+    for i in range(6):
+        lj = gmm.log_joint(params, blobs)
+        bound = elbo.elbo(lj, elbo.posterior(lj)) / n
+        np.testing.assert_allclose(bound, result.lower_bounds[i], rtol=1e-10)
+        # A stale q (from the previous parameters) gives a strictly lower bound.
+        stats, _ = gmm.e_step(params, blobs)
+        new = gmm.m_step(stats)
+        assert float(elbo.elbo(gmm.log_joint(new, blobs), elbo.posterior(lj))) <= float(
+            elbo.log_marginal(gmm.log_joint(new, blobs)))
+        params = new
+
+
+def test_kl_gap_closes_at_each_e_step_for_gmm(x64, rng):
+    params = random_params(rng, 3, 2, "full")
+    x = rng.normal(size=(25, 2))
+    lj = gmm.log_joint(params, x)
+    q_random = random_log_q(rng, 25, 3, 3.0, np.float64)
+    assert float(elbo.kl_to_posterior(lj, q_random)) > 1e-3
+    assert abs(float(elbo.kl_to_posterior(lj, gmm.posterior(params, x)))) < 1e-12

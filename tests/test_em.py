@@ -1,0 +1,242 @@
+"""EM drivers: the while-loop fit, vmapped restarts, stopping rule, failures, genericity."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_blobs
+from helpers import tree_allclose
+
+import jaxem
+from jaxem import gmm
+
+COV_TYPES = ["full", "tied", "diag", "spherical"]
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_log_likelihood_never_decreases(x64, rng, cov_type):
+    x = make_blobs(rng, n_per=80, k=4, d=3, sep=2.0)
+    model = gmm.GaussianMixtureModel(cov_type)
+    for seed in range(3):
+        params = gmm.init(jax.random.PRNGKey(seed), x, 4, cov_type, method="random")
+        result = jaxem.fit(model, x, params, tol=-1.0, max_iter=60, reg_covar=0.0)
+        hist = np.asarray(result.lower_bounds)
+        assert int(result.n_iter) == 60 and not bool(result.failed)
+        # Exact ascent, up to float64 rounding of the mean log-likelihood itself.
+        assert np.all(np.diff(hist) >= -1e-13 * np.abs(hist[1:]))
+        assert hist[-1] > hist[0]
+
+
+def test_stopping_rule_and_history(x64, blobs):
+    model = gmm.GaussianMixtureModel("full")
+    params = gmm.init(jax.random.PRNGKey(0), blobs, 3, "full", method="random")
+    result = jaxem.fit(model, blobs, params, tol=1e-4, max_iter=200)
+    n = int(result.n_iter)
+    hist = np.asarray(result.lower_bounds)
+    assert bool(result.converged) and 1 < n < 200
+    assert abs(hist[n - 1] - hist[n - 2]) < 1e-4 and np.all(np.abs(np.diff(hist[: n - 1])) >= 1e-4)
+    assert np.all(np.isnan(hist[n:])) and float(result.lower_bound) == hist[n - 1]
+    # A negative tol runs exactly max_iter iterations.
+    capped = jaxem.fit(model, blobs, params, tol=-1.0, max_iter=7)
+    assert int(capped.n_iter) == 7 and not bool(capped.converged)
+    np.testing.assert_allclose(capped.lower_bounds, hist[:7], rtol=1e-12)
+
+
+def test_max_iter_zero_returns_init(blobs):
+    params = gmm.init(jax.random.PRNGKey(0), blobs.astype(np.float32), 3, "diag")
+    result = jaxem.fit(gmm.GaussianMixtureModel("diag"), blobs, params, max_iter=0)
+    assert int(result.n_iter) == 0 and result.lower_bounds.shape == (0,)
+    assert tree_allclose(result.params, params) and float(result.lower_bound) == -np.inf
+
+
+def test_vmapped_restart_equals_the_same_restart_alone(x64, rng):
+    x = make_blobs(rng, n_per=60, k=3, d=2, sep=2.5)
+    model = gmm.GaussianMixtureModel("full")
+    key = jax.random.PRNGKey(3)
+    res = jaxem.fit_restarts(model, x, key, n_components=3, n_init=5, init_method="random",
+                             tol=1e-6, max_iter=300)
+    n_iters = np.asarray(res.restarts.n_iter)
+    assert len(set(n_iters.tolist())) > 1  # restarts stop at different times
+    for i, k in enumerate(jax.random.split(key, 5)):
+        params0 = model.init(k, x, 3, method="random", reg_covar=1e-6)
+        alone = jaxem.fit(model, x, params0, tol=1e-6, max_iter=300)
+        assert int(alone.n_iter) == n_iters[i]
+        one = jax.tree_util.tree_map(lambda a, i=i: a[i], res.restarts)
+        assert tree_allclose(one.params, alone.params, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(one.lower_bounds, alone.lower_bounds, rtol=1e-10)
+    best = int(res.best_index)
+    assert best == int(np.nanargmax(np.asarray(res.restarts.lower_bound)))
+    assert float(res.best.lower_bound) == float(np.max(res.restarts.lower_bound))
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingModel(gmm.GaussianMixtureModel):
+    """Counts how often the E-step is traced (= how often the driver compiles)."""
+
+    def e_step(self, params, x, weights=None):
+        TRACES.append(1)
+        return super().e_step(params, x, weights)
+
+
+TRACES: list = []
+
+
+def test_changing_tol_reg_covar_or_data_does_not_recompile(rng):
+    TRACES.clear()
+    model = CountingModel("full")
+    x = make_blobs(rng, n_per=50, k=2, d=2).astype(np.float32)
+    params = gmm.init(jax.random.PRNGKey(0), x, 2, "full")
+    jaxem.fit(model, x, params, tol=1e-3, reg_covar=1e-6)
+    assert len(TRACES) == 1
+    jaxem.fit(model, x + 1.0, params, tol=1e-5, reg_covar=1e-3)
+    jaxem.fit(CountingModel("full"), x * 2, params, tol=0.5, reg_covar=0.1)
+    assert len(TRACES) == 1
+    jaxem.fit_restarts(model, x, jax.random.PRNGKey(0), n_components=2, n_init=3, tol=1e-3)
+    n = len(TRACES)
+    jaxem.fit_restarts(model, -x, jax.random.PRNGKey(1), n_components=2, n_init=3, tol=1e-2,
+                       reg_covar=1e-2)
+    assert len(TRACES) == n
+    jaxem.fit(model, x, params, max_iter=101)  # max_iter sizes the history: compiles again
+    assert len(TRACES) == n + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FailsAtStep3(gmm.GaussianMixtureModel):
+    """A GMM whose M-step returns NaN from the 3rd iteration on (simulated breakdown)."""
+
+    def e_step(self, params, x, weights=None):
+        p, count = params
+        stats, ll = super().e_step(p, x, weights)
+        return (stats, count), ll
+
+    def m_step(self, stats, reg_covar=1e-6):
+        stats, count = stats
+        p = super().m_step(stats, reg_covar)
+        bad = count >= 2
+        p = jax.tree_util.tree_map(lambda a: jnp.where(bad, jnp.nan, a), p)
+        return p, count + 1
+
+
+def test_failure_keeps_last_finite_params(x64, blobs):
+    model = gmm.GaussianMixtureModel("full")
+    p0 = gmm.init(jax.random.PRNGKey(0), blobs, 3, "full", method="random")
+    reference = jaxem.fit(model, blobs, p0, tol=-1.0, max_iter=2)
+    result = jaxem.fit(FailsAtStep3("full"), blobs, (p0, jnp.asarray(0)), tol=-1.0, max_iter=10)
+    assert bool(result.failed) and not bool(result.converged)
+    assert int(result.n_iter) == 3  # the third E-step ran; its M-step failed
+    params, _ = result.params
+    assert tree_allclose(params, reference.params, rtol=1e-12)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(params))
+
+
+def test_collapsed_component_without_reg_covar_is_reported(x64, rng):
+    # A component sitting on a single isolated point collapses when reg_covar = 0.
+    x = np.concatenate([rng.normal(size=(50, 2)), [[40.0, 40.0]]])
+    params = gmm.make_params([0.9, 0.1], np.array([[0.0, 0.0], [40.0, 40.0]]),
+                             np.stack([np.eye(2), np.eye(2)]), "full")
+    result = jaxem.fit(gmm.GaussianMixtureModel("full"), x, params, reg_covar=0.0)
+    assert bool(result.failed)
+    assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(result.params))
+    with_reg = jaxem.fit(gmm.GaussianMixtureModel("full"), x, params, reg_covar=1e-3)
+    assert not bool(with_reg.failed) and bool(with_reg.converged)
+
+
+def test_chunked_fit_equals_plain_fit(x64, blobs):
+    params = gmm.init(jax.random.PRNGKey(0), blobs, 3, "tied", method="random")
+    plain = jaxem.fit(gmm.GaussianMixtureModel("tied"), blobs, params, tol=1e-8)
+    chunked = jaxem.fit(gmm.GaussianMixtureModel("tied", chunk_size=64), blobs, params, tol=1e-8)
+    assert int(plain.n_iter) == int(chunked.n_iter)
+    assert tree_allclose(plain.params, chunked.params, rtol=1e-9, atol=1e-12)
+
+
+def test_fit_composes_with_jit_and_vmap_over_datasets(rng):
+    model = gmm.GaussianMixtureModel("diag")
+    xs = np.stack([make_blobs(rng, n_per=40, k=2, d=2) for _ in range(3)]).astype(np.float32)
+    params = gmm.init(jax.random.PRNGKey(0), xs[0], 2, "diag")
+
+    @jax.jit
+    def fit_all(xs):
+        return jax.vmap(lambda x: jaxem.fit(model, x, params, tol=1e-4).lower_bound)(xs)
+
+    batched = np.asarray(fit_all(jnp.asarray(xs)))
+    single = [float(jaxem.fit(model, x, params, tol=1e-4).lower_bound) for x in xs]
+    np.testing.assert_allclose(batched, single, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(x=np.zeros(5)), ValueError, "2-D"),
+        (dict(x=np.array([[0.0, np.nan]] * 5)), ValueError, "NaN"),
+        (dict(tol=float("nan")), ValueError, "tol"),
+        (dict(max_iter=-1), ValueError, "max_iter"),
+        (dict(max_iter=2.5), TypeError, "max_iter"),
+        (dict(weights=-np.ones(30)), ValueError, "non-negative"),
+        (dict(weights=np.ones(3)), ValueError, "shape"),
+        (dict(reg_covar=-1.0), ValueError, "reg_covar"),
+        (dict(reg_covar=float("inf")), ValueError, "reg_covar"),
+        (dict(learning_rate=0.1), TypeError, "unknown hyperparameter"),
+    ],
+)
+def test_fit_rejects_bad_input(rng, kwargs, error, match):
+    x = rng.normal(size=(30, 2)).astype(np.float32)
+    params = gmm.init(jax.random.PRNGKey(0), x, 2, "full")
+    args = dict(x=x, tol=1e-3, max_iter=10)
+    args.update(kwargs)
+    x = args.pop("x")
+    with pytest.raises(error, match=match):
+        jaxem.fit(gmm.GaussianMixtureModel("full"), x, params, **args)
+
+
+def test_fit_restarts_rejects_bad_input(rng):
+    x = rng.normal(size=(5, 2))
+    model = gmm.GaussianMixtureModel("full")
+    with pytest.raises(ValueError, match="n_components"):
+        jaxem.fit_restarts(model, x, jax.random.PRNGKey(0), n_components=6)
+    with pytest.raises(ValueError, match="n_init"):
+        jaxem.fit_restarts(model, x, jax.random.PRNGKey(0), n_components=2, n_init=0)
+    with pytest.raises(ValueError, match="init_params"):
+        jaxem.fit_restarts(model, x, jax.random.PRNGKey(0), n_components=2, init_method="nope")
+    with pytest.raises(TypeError, match="e_step"):
+        jaxem.fit(object(), x, None)
+
+
+# ---------------------------------------------------------------- a non-Gaussian model
+@dataclasses.dataclass(frozen=True)
+class PoissonMixture:
+    """A mixture of independent Poissons: proves the drivers know nothing about Gaussians."""
+
+    def log_joint(self, params, x):
+        log_w, rates = params
+        return (log_w[None] + x @ jnp.log(rates).T - jnp.sum(rates, axis=1)[None]
+                - jnp.sum(jax.scipy.special.gammaln(x + 1), axis=1, keepdims=True))
+
+    def e_step(self, params, x, weights=None):
+        w = jnp.ones(x.shape[0], x.dtype) if weights is None else weights
+        lj = self.log_joint(params, x)
+        norm = jax.nn.logsumexp(lj, axis=1)
+        wr = w[:, None] * jnp.exp(lj - norm[:, None])
+        return (jnp.sum(wr, 0), wr.T @ x), jnp.sum(w * norm) / jnp.sum(w)
+
+    def m_step(self, stats, floor=1e-6):
+        nk, sx = stats
+        return jnp.log(nk / jnp.sum(nk)), sx / nk[:, None] + floor
+
+    def init(self, key, x, n_components, *, weights=None, method=None, floor=1e-6):
+        idx = jax.random.choice(key, x.shape[0], (n_components,), replace=False)
+        return jnp.full((n_components,), -jnp.log(n_components)), x[idx] + 0.5
+
+
+def test_generic_driver_fits_a_poisson_mixture(x64, rng):
+    x = np.concatenate([rng.poisson(2.0, size=(300, 2)), rng.poisson(15.0, size=(200, 2))])
+    x = x.astype(float)
+    res = jaxem.fit_restarts(PoissonMixture(), x, jax.random.PRNGKey(0), n_components=2,
+                             n_init=4, tol=1e-10, max_iter=500)
+    log_w, rates = res.best.params
+    order = np.argsort(np.asarray(rates[:, 0]))
+    np.testing.assert_allclose(np.asarray(rates)[order], [[2, 2], [15, 15]], rtol=0.1)
+    np.testing.assert_allclose(np.exp(np.asarray(log_w))[order], [0.6, 0.4], atol=0.05)
+    hist = np.asarray(res.best.lower_bounds)[: int(res.best.n_iter)]
+    assert np.all(np.diff(hist) >= -1e-12 * np.abs(hist[1:]))
