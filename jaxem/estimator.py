@@ -282,7 +282,8 @@ class GaussianMixture(*_BASES):
 
     # ----------------------------------------------------------------- inference
     def _log_joint(self, X) -> jax.Array:
-        return _log_joint(self.params_, self._check_X(X))
+        X = self._check_X(X)  # raises NotFittedError before params_ is touched
+        return _log_joint(self.params_, X)
 
     def score_samples(self, X):
         """(N,) log densities ``log p(x_n)``."""

@@ -1,0 +1,59 @@
+"""k-means initialisation."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxem import kmeans
+
+
+def well_separated(rng, k=4, n_per=50, d=3):
+    centers = np.eye(k, d) * 50 if k <= d else rng.normal(size=(k, d)) * 50
+    x = np.concatenate([c + rng.normal(size=(n_per, d)) for c in centers])
+    return x.astype(np.float32), centers
+
+
+def test_kmeans_recovers_separated_clusters(rng):
+    x, centers = well_separated(rng, k=3)
+    res = kmeans.kmeans(jax.random.PRNGKey(0), x, 3)
+    found = np.asarray(res.centers)
+    # Every true centre has a found centre within a few noise standard errors.
+    d = np.linalg.norm(found[:, None] - centers[None], axis=-1)
+    assert np.all(d.min(axis=0) < 0.5)
+    labels = np.asarray(res.labels)
+    for j in range(3):
+        assert len(set(labels[j * 50:(j + 1) * 50].tolist())) == 1
+    np.testing.assert_allclose(res.inertia, np.sum((x - found[labels]) ** 2), rtol=1e-3)
+
+
+def test_kmeans_plusplus_picks_data_points_one_per_cluster(rng):
+    x, centers = well_separated(rng, k=3)
+    seeds = np.asarray(kmeans.kmeans_plusplus(jax.random.PRNGKey(1), x, 3))
+    assert all(np.any(np.all(np.isclose(x, s, atol=1e-3), axis=1)) for s in seeds)
+    nearest = np.argmin(np.linalg.norm(seeds[:, None] - centers[None], axis=-1), axis=1)
+    assert sorted(nearest.tolist()) == [0, 1, 2]
+
+
+def test_zero_weight_points_are_ignored(rng):
+    x, _ = well_separated(rng, k=3)
+    outliers = np.full((20, 3), 1e4, np.float32)
+    xw = np.concatenate([x, outliers])
+    w = np.concatenate([np.ones(len(x)), np.zeros(20)]).astype(np.float32)
+    res = kmeans.kmeans(jax.random.PRNGKey(0), xw, 3, weights=w)
+    assert np.all(np.abs(np.asarray(res.centers)) < 100)
+
+
+def test_duplicate_points_give_finite_centres():
+    x = np.zeros((30, 2), np.float32)
+    res = kmeans.kmeans(jax.random.PRNGKey(0), x, 3)
+    assert np.all(np.isfinite(np.asarray(res.centers)))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_kmeans_is_vmappable_over_keys(rng, offset):
+    x, _ = well_separated(rng, k=3)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    res = jax.vmap(lambda k: kmeans.kmeans(k, x + offset, 3))(keys)
+    assert res.centers.shape == (4, 3, 3)
+    single = kmeans.kmeans(keys[2], x + offset, 3)
+    np.testing.assert_allclose(res.inertia[2], single.inertia, rtol=1e-4)
