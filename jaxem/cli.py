@@ -43,6 +43,8 @@ def _format_table(ks, cov_types, bic, best) -> str:
 def _demo(args) -> int:
     from jaxem.datasets import load_old_faithful
 
+    if args.max_k < 1 or args.n_init < 1:
+        raise ValueError("--max-k must be >= 1" if args.max_k < 1 else "--n-init must be >= 1")
     x, names = load_old_faithful()
     ks = list(range(1, args.max_k + 1))
     print(f"Old Faithful: {x.shape[0]} eruptions, features {names}")

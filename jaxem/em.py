@@ -56,7 +56,8 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _ll_dtype(params) -> jnp.dtype:
-    floats = [a.dtype for a in jax.tree_util.tree_leaves(params) if jnp.issubdtype(a.dtype, jnp.floating)]
+    leaves = jax.tree_util.tree_leaves(params)
+    floats = [a.dtype for a in leaves if jnp.issubdtype(a.dtype, jnp.floating)]
     return jnp.result_type(*floats) if floats else jnp.result_type(float)
 
 

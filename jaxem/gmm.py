@@ -116,7 +116,8 @@ def make_params(
         covariances = jnp.asarray(covariances, dtype)
         prec_chol = precision_cholesky(covariances, covariance_type)
     else:
-        prec_chol = precision_cholesky_from_precisions(jnp.asarray(precisions, dtype), covariance_type)
+        precisions = jnp.asarray(precisions, dtype)
+        prec_chol = precision_cholesky_from_precisions(precisions, covariance_type)
         covariances = covariances_from_precision_cholesky(prec_chol, covariance_type)
     return GMMParams(weights, means, covariances, prec_chol, covariance_type)
 
@@ -355,7 +356,8 @@ def init(
     if means_init is not None:
         params = dataclasses.replace(params, means=jnp.asarray(means_init, dtype))
     if precisions_init is not None:
-        pc = precision_cholesky_from_precisions(jnp.asarray(precisions_init, dtype), covariance_type)
+        precisions_init = jnp.asarray(precisions_init, dtype)
+        pc = precision_cholesky_from_precisions(precisions_init, covariance_type)
         params = dataclasses.replace(
             params,
             precisions_cholesky=pc,
@@ -377,9 +379,10 @@ def sample(key: jax.Array, params: GMMParams, n_samples: int) -> tuple[jax.Array
       label as scikit-learn returns them.
     """
     k_label, k_noise = jax.random.split(key)
-    k, d = params.means.shape
+    d = params.n_features
     dtype = params.means.dtype
-    labels = jnp.sort(jax.random.categorical(k_label, jnp.log(params.weights), shape=(n_samples,)))
+    labels = jax.random.categorical(k_label, jnp.log(params.weights), shape=(n_samples,))
+    labels = jnp.sort(labels)
     eps = jax.random.normal(k_noise, (n_samples, d), dtype)
     cov = params.covariances
     if params.covariance_type in ("full", "tied"):

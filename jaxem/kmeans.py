@@ -114,7 +114,8 @@ def kmeans(
     threshold = tol * jnp.mean(jnp.sum(w[:, None] * xc**2, axis=0) / w_sum)
 
     def assign(c):
-        return jax.nn.one_hot(jnp.argmin(_sq_distances(xc, x_sq, c), axis=1), n_clusters, dtype=xc.dtype)
+        nearest = jnp.argmin(_sq_distances(xc, x_sq, c), axis=1)
+        return jax.nn.one_hot(nearest, n_clusters, dtype=xc.dtype)
 
     def cond(state):
         _, shift, it = state

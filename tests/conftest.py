@@ -26,7 +26,7 @@ def key():
 def make_blobs(rng, n_per=100, k=3, d=2, sep=4.0, offset=0.0):
     """``k`` anisotropic Gaussian blobs of ``n_per`` points in ``d`` dimensions."""
     parts = []
-    for i in range(k):
+    for _ in range(k):
         a = rng.normal(size=(d, d)) * 0.5 + np.eye(d)
         parts.append(rng.normal(size=(n_per, d)) @ a + sep * rng.normal(size=d) + offset)
     return np.concatenate(parts)

@@ -4,7 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import enable_x64, log_joint_oracle, log_likelihood_by_enumeration, random_params, tree_allclose
+from helpers import (
+    enable_x64,
+    log_joint_oracle,
+    log_likelihood_by_enumeration,
+    random_params,
+    tree_allclose,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
