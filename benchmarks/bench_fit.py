@@ -1,0 +1,224 @@
+"""Time one EM iteration of jaxem and its peers side by side, in the same process.
+
+    python benchmarks/bench_fit.py --n 1000000 --d 32 --k 32 --covariance full
+    python benchmarks/bench_fit.py --smoke            # tiny size, used by the test suite
+
+The data are generated once. Every method starts from the same initial parameters and runs a
+fixed number of iterations (``tol=-1`` for jaxem, ``tol=0`` for scikit-learn, which rejects a
+negative tol). Compile time is measured apart (ahead-of-time ``lower().compile()``); the
+steady state is the best of ``--repeats`` runs, after ``block_until_ready``. For scikit-learn
+the per-iteration time is ``(t(iters) - t(1)) / (iters - 1)``, which removes its set-up.
+
+Effective GFLOP/s counts the matrix-product work of one EM iteration:
+full 4·N·K·D² (E-step Mahalanobis 2·N·K·D², M-step second moments 2·N·K·D²), tied the same
+(jaxem's tied E-step is the full one with a shared factor), diag and spherical 4·N·K·D. The
+roof is this machine's own float32 matmul rate, measured here with JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import resource
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxem import em, gmm
+
+
+def flops_per_iter(n, d, k, cov_type) -> float:
+    return 4.0 * n * k * d * d if cov_type in ("full", "tied") else 4.0 * n * k * d
+
+
+def matmul_roof(size=2048, repeats=5) -> float:
+    """float32 GFLOP/s of a square matmul with JAX on this machine."""
+    a = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST))
+    f(a, a).block_until_ready()
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def make_data(n, d, k, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 3
+    labels = rng.integers(0, k, size=n)
+    x = centers[labels] + rng.normal(size=(n, d))
+    return x
+
+
+def initial_params(x, k, cov_type, seed=1):
+    """Means: K random samples; unit covariances; equal weights (float64 numpy)."""
+    rng = np.random.default_rng(seed)
+    d = x.shape[1]
+    means = x[rng.choice(len(x), k, replace=False)]
+    cov = {
+        "full": np.stack([np.eye(d)] * k),
+        "tied": np.eye(d),
+        "diag": np.ones((k, d)),
+        "spherical": np.ones(k),
+    }[cov_type]
+    return np.full(k, 1.0 / k), means, cov
+
+
+def precisions_of(cov, cov_type):
+    if cov_type == "full":
+        return np.stack([np.linalg.inv(c) for c in cov])
+    if cov_type == "tied":
+        return np.linalg.inv(cov)
+    return 1.0 / cov
+
+
+def time_jaxem(x, init, cov_type, iters, repeats, dtype, chunk_size, n_init=1):
+    """(compile seconds, steady seconds per iteration) for one fit or n_init restarts."""
+    x = jnp.asarray(x, dtype)
+    w, m, c = init
+    params = gmm.make_params(w.astype(dtype), m.astype(dtype), c.astype(dtype), cov_type)
+    model = gmm.GaussianMixtureModel(cov_type, chunk_size)
+    tol = jnp.asarray(-1.0, dtype)
+    hyper = {"reg_covar": jnp.asarray(1e-6, dtype)}
+    if n_init == 1:
+        lowered = em._fit_jit.lower(model, x, None, params, tol, iters, hyper)
+        dynamic = (x, None, params, tol, hyper)
+    else:
+        key = jax.random.PRNGKey(0)
+        lowered = em._restarts_jit.lower(model, x, None, key, tol, iters, n_init, len(w),
+                                         "random_from_data", {}, hyper)
+        dynamic = (x, None, key, tol, {}, hyper)
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(*dynamic))
+        best = min(best, time.perf_counter() - t)
+    return compile_s, best / iters
+
+
+def time_sklearn(x, init, cov_type, iters, repeats, dtype):
+    from sklearn.mixture import GaussianMixture
+
+    w, m, c = init
+    kw = dict(covariance_type=cov_type, tol=0.0, reg_covar=1e-6, init_params="random_from_data",
+              weights_init=w, means_init=m, precisions_init=precisions_of(c, cov_type))
+    xs = np.asarray(x, dtype)
+
+    def run(n_iter):
+        best = np.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                GaussianMixture(len(w), max_iter=n_iter, **kw).fit(xs)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    return None, (run(iters) - run(1)) / (iters - 1)
+
+
+def time_gmmx(x, init, cov_type, iters, repeats, dtype):
+    from gmmx import EMFitter, GaussianMixtureModelJax
+
+    if cov_type not in ("full", "diag"):
+        return None
+    w, m, c = init
+    model = GaussianMixtureModelJax.from_squeezed(
+        means=m.astype(dtype), covariances=c.astype(dtype), weights=w.astype(dtype),
+        covariance_type=cov_type)
+    xj = jnp.asarray(x, dtype)
+
+    def run(n_iter):
+        fitter = EMFitter(max_iter=n_iter, tol=-1.0, reg_covar=1e-6)
+        jax.block_until_ready(fitter.fit(xj, model))  # compile
+        best = np.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(fitter.fit(xj, model))
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    return None, (run(iters) - run(1)) / (iters - 1)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--d", type=int, default=32)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--covariance", default="full", choices=["full", "tied", "diag", "spherical"])
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--n-init", type=int, default=1, help="also time n_init vmapped restarts")
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--peers", default="sklearn64,sklearn32,gmmx",
+                   help="comma list from sklearn64, sklearn32, gmmx ('' for none)")
+    p.add_argument("--no-x64", action="store_true", help="skip jaxem float64")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (test suite)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.n, a.d, a.k, a.iters, a.repeats = 2000, 4, 3, 3, 1
+    n, d, k, ct = a.n, a.d, a.k, a.covariance
+
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
+          f"on {jax.devices()[0].platform}, python {sys.version.split()[0]}")
+    roof = matmul_roof(512 if a.smoke else 2048)
+    print(f"float32 matmul roof: {roof:.1f} GFLOP/s")
+    print(f"N={n} D={d} K={k} covariance={ct} iters={a.iters} n_init={a.n_init}")
+    x = make_data(n, d, k)
+    init = initial_params(x, k, ct)
+    flops = flops_per_iter(n, d, k, ct)
+
+    rows = []  # (name, compile_s, s_per_iter)
+    rows.append(("jaxem float32", *time_jaxem(x, init, ct, a.iters, a.repeats, np.float32,
+                                              a.chunk_size)))
+    if not a.no_x64:
+        jax.config.update("jax_enable_x64", True)
+        rows.append(("jaxem float64", *time_jaxem(x, init, ct, a.iters, a.repeats, np.float64,
+                                                  a.chunk_size)))
+        jax.config.update("jax_enable_x64", False)
+    if a.n_init > 1:
+        c, s = time_jaxem(x, init, ct, a.iters, a.repeats, np.float32, a.chunk_size, a.n_init)
+        rows.append((f"jaxem float32 n_init={a.n_init}", c, s))
+    peers = [s for s in a.peers.split(",") if s]
+    for peer in peers:
+        if peer.startswith("sklearn") and importlib.util.find_spec("sklearn"):
+            dtype = np.float64 if peer == "sklearn64" else np.float32
+            rows.append((f"scikit-learn float{64 if dtype == np.float64 else 32}",
+                         *time_sklearn(x, init, ct, a.iters, a.repeats, dtype)))
+        elif peer == "gmmx" and importlib.util.find_spec("gmmx"):
+            r = time_gmmx(x, init, ct, a.iters, a.repeats, np.float32)
+            if r is not None:
+                rows.append(("gmmx float32", *r))
+        else:
+            print(f"(peer {peer} not installed or not applicable: skipped)")
+
+    base = rows[0][2]
+    print(f"\n{'method':<28}{'compile s':>10}{'s/iter':>10}{'GFLOP/s':>9}{'% roof':>8}"
+          f"{'jaxem f32 speed-up':>20}")
+    for name, comp, s in rows:
+        gf = flops / s / 1e9
+        comp_s = f"{comp:.2f}" if comp is not None else "-"
+        print(f"{name:<28}{comp_s:>10}{s:>10.4f}{gf:>9.1f}{100 * gf / roof:>7.0f}%"
+              f"{s / base:>19.2f}x")
+    print(f"\npeak RSS of this process: {peak_rss_gb():.2f} GB (all methods together)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
