@@ -21,12 +21,15 @@ parameters are returned.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxem import _validation
 
@@ -61,16 +64,17 @@ def _ll_dtype(params) -> jnp.dtype:
     return jnp.result_type(*floats) if floats else jnp.result_type(float)
 
 
-def _run(model, x, weights, params, tol, max_iter: int, hyper) -> FitResult:
-    """The EM loop itself; traced inside jit (and vmap for restarts)."""
+def _run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None) -> FitResult:
+    """The EM loop itself; traced inside jit (and vmap for restarts, shard_map for devices)."""
     dtype = _ll_dtype(params)
     tol = jnp.asarray(tol, dtype)
+    sharded = {} if axis_name is None else {"axis_name": axis_name}
 
     def cond(s: FitResult):
         return (s.n_iter < max_iter) & ~s.converged & ~s.failed
 
     def body(s: FitResult) -> FitResult:
-        stats, ll = model.e_step(s.params, x, weights)
+        stats, ll = model.e_step(s.params, x, weights, **sharded)
         ll = ll.astype(dtype)
         new_params = model.m_step(stats, **hyper)
         ll_ok = jnp.isfinite(ll)
@@ -99,29 +103,102 @@ def _run(model, x, weights, params, tol, max_iter: int, hyper) -> FitResult:
     return out._replace(lower_bounds=out.lower_bounds[:max_iter])
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_iter"))
-def _fit_jit(model, x, weights, params, tol, max_iter, hyper):
-    return _run(model, x, weights, params, tol, max_iter, hyper)
+_DATA = "data"  # the mesh axis the samples are sharded over
+
+
+def _over_devices(fn, mesh: Mesh | None):
+    """``fn(x, weights, *replicated)`` run data-parallel: x and weights sharded over ``mesh``.
+
+    Inside, the model's E-step ``psum``s its statistics over the mesh axis, so every device
+    holds identical parameters and takes identical stopping decisions.
+    """
+    if mesh is None:
+        return fn
+
+    def wrapped(x, weights, *rest):
+        specs = (P(_DATA, None), P(_DATA), *([P()] * len(rest)))
+        # Replication of the outputs follows from the psum; the checker cannot see through
+        # the model's E-step, so it is switched off.
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
+            x, weights, *rest
+        )
+
+    return wrapped
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_iter", "mesh"))
+def _fit_jit(model, x, weights, params, tol, max_iter, hyper, mesh=None):
+    axis = None if mesh is None else _DATA
+
+    def run(x, weights, params, tol, hyper):
+        return _run(model, x, weights, params, tol, max_iter, hyper, axis)
+
+    return _over_devices(run, mesh)(x, weights, params, tol, hyper)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "max_iter", "n_init", "n_components", "init_method")
+    jax.jit,
+    static_argnames=("model", "max_iter", "n_init", "n_components", "init_method", "mesh"),
 )
 def _restarts_jit(model, x, weights, key, tol, max_iter, n_init, n_components, init_method,
-                  init_kwargs, hyper):
-    def one(k):
-        params = model.init(
+                  init_kwargs, hyper, mesh=None):
+    keys = jax.random.split(key, n_init)
+    # Initialisation sees the whole (possibly sharded) data; XLA partitions it.
+    params0 = jax.vmap(
+        lambda k: model.init(
             k, x, n_components, weights=weights, method=init_method, **init_kwargs, **hyper
         )
-        return _run(model, x, weights, params, tol, max_iter, hyper)
+    )(keys)
+    axis = None if mesh is None else _DATA
 
-    runs = jax.vmap(one)(jax.random.split(key, n_init))
+    def run(x, weights, params0, tol, hyper):
+        return jax.vmap(lambda p: _run(model, x, weights, p, tol, max_iter, hyper, axis))(params0)
+
+    runs = _over_devices(run, mesh)(x, weights, params0, tol, hyper)
     # Pick the best on device: highest lower bound; a restart that never produced a finite
     # bound cannot win.
     score = jnp.where(jnp.isfinite(runs.lower_bound), runs.lower_bound, -jnp.inf)
     best_index = jnp.argmax(score).astype(jnp.int32)
     best = jax.tree_util.tree_map(lambda a: a[best_index], runs)
     return RestartsResult(best, best_index, runs)
+
+
+def _mesh_for(model, x, devices) -> Mesh | None:
+    """The 1-D data mesh to shard over, or None for a single-device fit.
+
+    ``devices=None`` uses every local device when there are several and the model's E-step
+    can reduce across devices (accepts ``axis_name``).
+    """
+    can_shard = "axis_name" in inspect.signature(model.e_step).parameters
+    if devices is None:
+        if _validation.is_traced(x) or not can_shard or jax.local_device_count() < 2:
+            return None
+        devices = jax.local_devices()
+    devices = list(devices)
+    if len(devices) < 2:
+        return None
+    if not can_shard:
+        raise TypeError(
+            f"{type(model).__name__}.e_step takes no axis_name, so it cannot be run "
+            "data-parallel over devices"
+        )
+    if _validation.is_traced(x):
+        raise ValueError("devices cannot be given when fit is called inside a transformation")
+    return Mesh(np.asarray(devices), (_DATA,))
+
+
+def _shard_data(x, weights, mesh: Mesh):
+    """Pad N to a multiple of the device count (zero-weight rows) and shard along N."""
+    x = np.asarray(x)
+    n = x.shape[0]
+    w = np.ones(n, x.dtype) if weights is None else np.asarray(weights, x.dtype)
+    pad = (-n) % mesh.size
+    if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+        w = np.concatenate([w, np.zeros(pad, x.dtype)])
+    x = jax.device_put(x, NamedSharding(mesh, P(_DATA, None)))
+    w = jax.device_put(w, NamedSharding(mesh, P(_DATA)))
+    return x, w
 
 
 def _with_defaults(model, hyper: dict) -> dict:
@@ -167,6 +244,7 @@ def fit(
     weights: jax.typing.ArrayLike | None = None,
     tol: jax.typing.ArrayLike = 1e-3,
     max_iter: int = 100,
+    devices=None,
     **hyper,
 ) -> FitResult:
     """Run EM from ``params`` until convergence, as one compiled program.
@@ -179,6 +257,8 @@ def fit(
       tol: stop when the mean log-likelihood changes by less than this (traced: changing it
         does not recompile). A negative ``tol`` runs exactly ``max_iter`` iterations.
       max_iter: iteration cap (static: it sizes the history buffer).
+      devices: devices to shard the samples over (data parallelism). ``None``: all local
+        devices when there are several, else a plain single-device fit.
       **hyper: hyperparameters of the model's M-step, e.g. ``reg_covar`` (traced).
 
     Returns:
@@ -191,10 +271,14 @@ def fit(
     ):
         raise ValueError("params contain NaN or infinite values")
     dtype = _ll_dtype(params)
+    mesh = _mesh_for(model, x, devices)
+    if mesh is not None:
+        x, weights = _shard_data(np.asarray(x, dtype), weights, mesh)
     x = _as_float(x, dtype)
     weights = None if weights is None else _as_float(weights, dtype)
     hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
-    return _fit_jit(model, x, weights, params, jnp.asarray(tol, dtype), max_iter, hyper)
+    return _fit_jit(model, x, weights, params, jnp.asarray(tol, dtype), max_iter, hyper,
+                    mesh=mesh)
 
 
 def fit_restarts(
@@ -209,6 +293,7 @@ def fit_restarts(
     tol: jax.typing.ArrayLike = 1e-3,
     max_iter: int = 100,
     init_kwargs: dict | None = None,
+    devices=None,
     **hyper,
 ) -> RestartsResult:
     """``n_init`` independent initialisations and fits, vmapped in one compiled program.
@@ -228,6 +313,7 @@ def fit_restarts(
       tol: convergence tolerance (traced).
       max_iter: iteration cap (static).
       init_kwargs: extra traced arrays for ``model.init`` (e.g. ``means_init``).
+      devices: as in :func:`fit`.
       **hyper: M-step hyperparameters (traced), also passed to ``model.init``.
 
     Returns:
@@ -240,10 +326,13 @@ def fit_restarts(
     _validation.check_data(x, "x", min_samples=n_components)
     x = _as_float(x)
     dtype = x.dtype
+    mesh = _mesh_for(model, x, devices)
+    if mesh is not None:
+        x, weights = _shard_data(x, weights, mesh)
     weights = None if weights is None else _as_float(weights, dtype)
     hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
     init_kwargs = {k: jnp.asarray(v, dtype) for k, v in (init_kwargs or {}).items()}
     return _restarts_jit(
         model, x, weights, key, jnp.asarray(tol, dtype), max_iter, n_init, n_components,
-        init_method, init_kwargs, hyper,
+        init_method, init_kwargs, hyper, mesh=mesh,
     )

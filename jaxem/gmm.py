@@ -12,6 +12,7 @@ closed-form function of those statistics alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -27,7 +28,7 @@ from jaxem._linalg import (
     precision_cholesky_from_precisions,
     squared_mahalanobis,
 )
-from jaxem.kmeans import kmeans, kmeans_plusplus
+from jaxem.kmeans import kmeans, kmeans_plusplus, nearest_center
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -178,12 +179,50 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array):
     return moments, total
 
 
+# Memory for the E-step's per-chunk temporaries (a few (chunk, K, D) arrays). Small enough
+# to stay in cache-friendly territory, large enough that each block is a sizeable matmul.
+CHUNK_BUDGET_BYTES = 64 * 2**20
+
+
+def auto_chunk_size(n_samples: int, n_components: int, n_features: int, dtype) -> int:
+    """Rows per E-step block so that its temporaries fit in :data:`CHUNK_BUDGET_BYTES`."""
+    itemsize = np.dtype(dtype).itemsize
+    per_row = (3 * n_components * n_features + 4 * n_components + n_features) * itemsize
+    return int(max(256, min(n_samples, CHUNK_BUDGET_BYTES // per_row)))
+
+
+def _blockwise_sum(fn, x: jax.Array, w: jax.Array, chunk: int):
+    """``Σ_blocks fn(x_block, w_block)`` over blocks of ``chunk`` rows (a pytree of sums).
+
+    Blocks are dynamic slices of ``x`` itself (no padded copy of the data). The last block is
+    clamped to end at row N, so it overlaps its predecessor; the overlapping rows get weight
+    zero there. ``w`` is (N,) or (N, K): zero-weight rows must contribute exactly zero.
+    """
+    n = x.shape[0]
+    if chunk >= n:
+        return fn(x, w)
+    n_chunks = -(-n // chunk)
+
+    def body(j, acc):
+        start = j * chunk
+        first = jnp.minimum(start, n - chunk)
+        xs = jax.lax.dynamic_slice_in_dim(x, first, chunk)
+        ws = jax.lax.dynamic_slice_in_dim(w, first, chunk)
+        fresh = (first + jnp.arange(chunk) >= start).reshape((chunk,) + (1,) * (w.ndim - 1))
+        return jax.tree_util.tree_map(jnp.add, acc, fn(xs, jnp.where(fresh, ws, 0.0)))
+
+    shapes = jax.eval_shape(fn, x[:chunk], w[:chunk])
+    acc0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.fori_loop(0, n_chunks, body, acc0)
+
+
 def e_step(
     params: GMMParams,
     x: jax.Array,
     weights: jax.Array | None = None,
     *,
     chunk_size: int | None = None,
+    axis_name: str | None = None,
 ) -> tuple[GMMStats, jax.Array]:
     """E-step: responsibilities, reduced at once to expected sufficient statistics.
 
@@ -191,8 +230,11 @@ def e_step(
       params: current parameters.
       x: (N, D) data.
       weights: optional (N,) non-negative sample weights (default: all ones).
-      chunk_size: if given (static), stream the samples through in blocks of this many
-        rows with ``lax.scan``; peak memory is then O(chunk_size·K·D) instead of O(N·K·D).
+      chunk_size: rows per block (static). The samples stream through in blocks, so peak
+        memory is O(chunk_size·K·D) on top of the data. ``None`` picks it from
+        :data:`CHUNK_BUDGET_BYTES`; ``chunk_size >= N`` is a single pass.
+      axis_name: inside ``shard_map``/``pmap`` over samples, the mapped axis to ``psum`` the
+        statistics over (data parallelism); the result is then the same on every device.
 
     Returns:
       ``(stats, log_likelihood)``: the statistics summed over samples, and the weighted mean
@@ -202,24 +244,17 @@ def e_step(
     x = jnp.asarray(x, dtype)
     n = x.shape[0]
     w = jnp.ones((n,), dtype) if weights is None else jnp.asarray(weights, dtype)
-    if chunk_size is None or chunk_size >= n:
-        (nk, sum_x, sum_xx), total = _e_step_block(params, x, w)
-    else:
-        n_chunks = -(-n // chunk_size)
-        pad = n_chunks * chunk_size - n
-        # Padding repeats the last row with weight zero, so it adds nothing to any sum.
-        xb = jnp.pad(x, ((0, pad), (0, 0)), mode="edge").reshape(n_chunks, chunk_size, -1)
-        wb = jnp.pad(w, (0, pad)).reshape(n_chunks, chunk_size)
-
-        def step(acc, block):
-            moments, total = _e_step_block(params, *block)
-            return jax.tree_util.tree_map(jnp.add, acc, (moments, total)), None
-
-        zeros = jax.eval_shape(lambda: _e_step_block(params, xb[0], wb[0]))
-        acc0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-        ((nk, sum_x, sum_xx), total), _ = jax.lax.scan(step, acc0, (xb, wb))
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(n, params.n_components, params.n_features, dtype)
+    block = functools.partial(_e_step_block, params)
+    (nk, sum_x, sum_xx), total = _blockwise_sum(block, x, w, chunk_size)
+    w_sum = jnp.sum(w)
+    if axis_name is not None:
+        nk, sum_x, sum_xx, total, w_sum = jax.lax.psum(
+            (nk, sum_x, sum_xx, total, w_sum), axis_name
+        )
     stats = GMMStats(nk, sum_x, sum_xx, params.means, params.covariance_type)
-    return stats, total / jnp.sum(w)
+    return stats, total / w_sum
 
 
 def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
@@ -289,8 +324,7 @@ def _resp_init(key, x, w, n_components: int, method: str):
         return jax.nn.one_hot(labels, n_components, dtype=x.dtype)
     if method == "k-means++":
         centers = kmeans_plusplus(key, x, n_components, w)
-        d2 = jnp.sum((x[:, None, :] - centers[None]) ** 2, axis=-1)
-        return jax.nn.one_hot(jnp.argmin(d2, axis=1), n_components, dtype=x.dtype)
+        return jax.nn.one_hot(nearest_center(x, centers), n_components, dtype=x.dtype)
     if method == "random":
         resp = jax.random.uniform(key, (n, n_components), x.dtype)
         return resp / jnp.sum(resp, axis=1, keepdims=True)
@@ -349,7 +383,10 @@ def init(
     center = jnp.sum(w[:, None] * x, axis=0) / jnp.sum(w)
     sums = jnp.matmul(wr.T, x, precision=PRECISION)
     shift = jnp.where(nk[:, None] > 0, sums / jnp.where(nk > 0, nk, 1.0)[:, None], center)
-    moments = _moments(x[:, None, :] - shift[None], wr, covariance_type)
+    chunk = auto_chunk_size(x.shape[0], n_components, x.shape[1], dtype)
+    moments = _blockwise_sum(
+        lambda xs, wrs: _moments(xs[:, None, :] - shift[None], wrs, covariance_type), x, wr, chunk
+    )
     params = m_step(GMMStats(*moments, shift, covariance_type), reg_covar)
     if weights_init is not None:
         params = dataclasses.replace(params, weights=jnp.asarray(weights_init, dtype))
@@ -404,7 +441,7 @@ class GaussianMixtureModel:
 
     Attributes:
       covariance_type: ``full``, ``tied``, ``diag`` or ``spherical``.
-      chunk_size: optional E-step block size (see :func:`e_step`).
+      chunk_size: E-step block size (see :func:`e_step`); None picks it automatically.
     """
 
     covariance_type: str = "full"
@@ -428,8 +465,9 @@ class GaussianMixtureModel:
     def log_joint(self, params: GMMParams, x: jax.Array) -> jax.Array:
         return log_joint(params, x)
 
-    def e_step(self, params: GMMParams, x: jax.Array, weights: jax.Array | None = None):
-        return e_step(params, x, weights, chunk_size=self.chunk_size)
+    def e_step(self, params: GMMParams, x: jax.Array, weights: jax.Array | None = None,
+               axis_name: str | None = None):
+        return e_step(params, x, weights, chunk_size=self.chunk_size, axis_name=axis_name)
 
     def m_step(self, stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
         return m_step(stats, reg_covar)

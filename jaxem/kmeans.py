@@ -61,6 +61,13 @@ def _plusplus(key, xc, x_sq, w, n_clusters: int, n_local_trials: int):
     return centers
 
 
+def nearest_center(x: jax.Array, centers: jax.Array) -> jax.Array:
+    """(N,) index of the nearest of ``centers`` (K, D) for each row of ``x`` (N, D)."""
+    offset = jnp.mean(centers, axis=0)
+    xc = x - offset
+    return jnp.argmin(_sq_distances(xc, jnp.sum(xc**2, axis=1), centers - offset), axis=1)
+
+
 def _default_trials(n_clusters: int) -> int:
     # Greedy k-means++ (Arthur & Vassilvitskii 2007) with scikit-learn's 2 + log(K) trials.
     return 2 + int(np.log(n_clusters))

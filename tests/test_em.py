@@ -240,3 +240,56 @@ def test_generic_driver_fits_a_poisson_mixture(x64, rng):
     np.testing.assert_allclose(np.exp(np.asarray(log_w))[order], [0.6, 0.4], atol=0.05)
     hist = np.asarray(res.best.lower_bounds)[: int(res.best.n_iter)]
     assert np.all(np.diff(hist) >= -1e-12 * np.abs(hist[1:]))
+
+
+# ---------------------------------------------------------------- data parallel over devices
+SHARDED_SCRIPT = r'''
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import jaxem
+from jaxem import gmm
+
+assert jax.local_device_count() == 4
+rng = np.random.default_rng(0)
+x = np.concatenate([rng.normal(size=(334, 3)) + 4 * i for i in range(3)])[:1001]  # 1001 % 4 != 0
+w = rng.uniform(0.5, 2.0, size=len(x))
+leaves = jax.tree_util.tree_leaves
+for ct in ["full", "tied", "diag", "spherical"]:
+    model = gmm.GaussianMixtureModel(ct, chunk_size=100)
+    params = gmm.init(jax.random.PRNGKey(0), x, 3, ct, method="random")
+    one = jaxem.fit(model, x, params, weights=w, tol=1e-8, devices=jax.devices()[:1])
+    four = jaxem.fit(model, x, params, weights=w, tol=1e-8)  # default: all 4 devices
+    assert int(one.n_iter) == int(four.n_iter) > 2
+    for a, b in zip(leaves(one.params), leaves(four.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(one.lower_bounds, four.lower_bounds, rtol=1e-12)
+model = gmm.GaussianMixtureModel("full")
+r1 = jaxem.fit_restarts(model, x, jax.random.PRNGKey(1), n_components=3, n_init=3,
+                        init_method="random_from_data", devices=jax.devices()[:1])
+r4 = jaxem.fit_restarts(model, x, jax.random.PRNGKey(1), n_components=3, n_init=3,
+                        init_method="random_from_data")
+np.testing.assert_array_equal(r1.restarts.n_iter, r4.restarts.n_iter)
+np.testing.assert_allclose(r1.restarts.lower_bound, r4.restarts.lower_bound, rtol=1e-10)
+gm = jaxem.GaussianMixture(3, random_state=0).fit(x)
+assert gm.converged_
+print("sharded ok")
+'''
+
+
+def test_sharded_fit_equals_single_device_fit():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sharded ok" in out.stdout
+
+
+def test_devices_argument_is_checked(blobs):
+    params = gmm.init(jax.random.PRNGKey(0), blobs, 2, "full")
+    with pytest.raises(TypeError, match="axis_name"):
+        jaxem.fit(PoissonMixture(), blobs, params, devices=[jax.devices()[0]] * 2)
