@@ -9,10 +9,12 @@ negative tol). Compile time is measured apart (ahead-of-time ``lower().compile()
 steady state is the best of ``--repeats`` runs, after ``block_until_ready``. For scikit-learn
 the per-iteration time is ``(t(iters) - t(1)) / (iters - 1)``, which removes its set-up.
 
-Effective GFLOP/s counts the matrix-product work of one EM iteration:
-full 4·N·K·D² (E-step Mahalanobis 2·N·K·D², M-step second moments 2·N·K·D²), tied the same
-(jaxem's tied E-step is the full one with a shared factor), diag and spherical 4·N·K·D. The
-roof is this machine's own float32 matmul rate, measured here with JAX.
+Effective GFLOP/s counts the matrix-product work of one EM iteration as jaxem does it:
+full 4·N·K·D² (E-step whitening 2·N·K·D², M-step second moments 2·N·K·D²); tied
+4·N·D² + 6·N·K·D (one shared whitening and one second-moment product of 2·N·D² each, three
+N·K·D products); diag and spherical 8·N·K·D (four N·K·D products). The same count is used for
+every peer, so the ratios are ratios of time. The roof is this machine's own float32 matmul
+rate, measured here with JAX.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ from jaxem import em, gmm
 
 
 def flops_per_iter(n, d, k, cov_type) -> float:
-    return 4.0 * n * k * d * d if cov_type in ("full", "tied") else 4.0 * n * k * d
+    if cov_type == "full":
+        return 4.0 * n * k * d * d
+    if cov_type == "tied":
+        return 4.0 * n * d * d + 6.0 * n * k * d
+    return 8.0 * n * k * d
 
 
 def matmul_roof(size=2048, repeats=5) -> float:

@@ -110,26 +110,3 @@ def log_det_precision_cholesky(
     if covariance_type == "diag":
         return jnp.sum(jnp.log(prec_chol), axis=-1)
     return n_features * jnp.log(prec_chol)
-
-
-def squared_mahalanobis(diff: jax.Array, prec_chol: jax.Array, covariance_type: str) -> jax.Array:
-    """``||(x_n - μ_k) P_k||²`` for every sample and component.
-
-    Args:
-      diff: (N, K, D) differences ``x_n - μ_k``.
-      prec_chol: precision Cholesky factors in the shape of ``covariance_type``.
-      covariance_type: one of ``full``, ``tied``, ``diag``, ``spherical``.
-
-    Returns:
-      (N, K) squared Mahalanobis distances.
-    """
-    if covariance_type == "full":
-        # One batched matrix product over all K components: (K, N, D) @ (K, D, D).
-        y = jnp.einsum("nkd,kde->nke", diff, prec_chol, precision=PRECISION)
-        return jnp.sum(y * y, axis=-1)
-    if covariance_type == "tied":
-        y = jnp.einsum("nkd,de->nke", diff, prec_chol, precision=PRECISION)
-        return jnp.sum(y * y, axis=-1)
-    if covariance_type == "diag":
-        return jnp.sum((diff * prec_chol[None]) ** 2, axis=-1)
-    return jnp.sum(diff * diff, axis=-1) * prec_chol[None] ** 2

@@ -164,6 +164,7 @@ def test_empty_component_stays_finite(x64, rng, cov_type):
     stats, _ = gmm.e_step(params, x)
     new = gmm.m_step(stats, reg_covar=1e-6)
     assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(new))
+    assert float(new.weights[1]) < 1e-12
     np.testing.assert_allclose(new.means[1], [1e3, 1e3])  # keeps its previous mean
 
 
