@@ -77,10 +77,22 @@ def check_data(x, name: str = "x", min_samples: int = 1):
             f"{name} has {arr.shape[0]} samples but at least {min_samples} are needed "
             f"(n_components={min_samples} requires n_samples >= n_components)"
         )
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.sum(~np.isfinite(arr)))
+    if not all_finite(x):
+        bad = int(np.sum(~np.isfinite(np.asarray(x))))
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
     return x
+
+
+_jit_all_finite = jax.jit(lambda a: jax.numpy.all(jax.numpy.isfinite(a)))
+
+
+def all_finite(x, block_rows: int = 1 << 18) -> bool:
+    """Whether every entry is finite, without an N×D temporary (blocks on the host, one
+    fused reduction for arrays already on a device)."""
+    if isinstance(x, jax.Array):
+        return bool(_jit_all_finite(x))
+    arr = np.asarray(x)
+    return all(np.isfinite(arr[i:i + block_rows]).all() for i in range(0, len(arr), block_rows))
 
 
 def check_sample_weight(weights, n_samples: int, name: str = "sample_weight"):

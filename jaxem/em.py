@@ -230,10 +230,15 @@ def _check_common(model, x, weights, tol, max_iter, hyper):
 
 
 def _as_float(x, dtype=None):
-    x = jnp.asarray(x)
+    """A floating JAX array. Host arrays go through ``device_put``: one copy of the data,
+    where ``jnp.asarray`` makes two."""
     if dtype is None:
-        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
-    return x.astype(dtype)
+        kind = np.asarray(x).dtype if not isinstance(x, jax.Array) else x.dtype
+        dtype = kind if jnp.issubdtype(kind, jnp.floating) else jnp.result_type(float)
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    if isinstance(x, jax.Array):
+        return x.astype(dtype)
+    return jax.device_put(np.asarray(x, dtype))
 
 
 def fit(

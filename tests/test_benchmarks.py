@@ -16,3 +16,12 @@ def test_bench_fit_smoke():
     for name in ("jaxem float32", "jaxem float64", "jaxem float32 n_init=2", "scikit-learn"):
         assert name in out.stdout
     assert "float32 matmul roof" in out.stdout and "peak RSS" in out.stdout
+
+
+def test_bench_memory_smoke():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--smoke"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "peak RSS" in out.stdout and "failed=False" in out.stdout
