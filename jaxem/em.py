@@ -6,6 +6,7 @@ The drivers know nothing about Gaussians. A *model* is any hashable object with
     m_step(stats, **hyper)     -> params
     init(key, x, n_components, *, weights, method, **hyper) -> params   (for fit_restarts)
     default_hyper() -> dict                            (optional: defaults of **hyper)
+    with_batch(n) -> model                             (optional: sized for n vmapped restarts)
     check_hyper(**hyper)                               (optional: eager validation)
 
 Stopping rule (scikit-learn's): iteration ``i`` runs an E-step at the current parameters,
@@ -64,42 +65,55 @@ def _ll_dtype(params) -> jnp.dtype:
     return jnp.result_type(*floats) if floats else jnp.result_type(float)
 
 
+def _em_step(model, x, weights, hyper, tol, s: FitResult, axis_name=None) -> FitResult:
+    """One EM iteration on the loop state: E-step at ``s.params``, record ℓ, M-step.
+
+    A non-finite ℓ or non-finite new parameters set ``failed`` and keep the old parameters.
+    Shared by the ``while_loop`` of :func:`fit` and the ``scan`` of the unrolled fit.
+    """
+    sharded = {} if axis_name is None else {"axis_name": axis_name}
+    dtype = s.lower_bound.dtype
+    stats, ll = model.e_step(s.params, x, weights, **sharded)
+    ll = ll.astype(dtype)
+    new_params = model.m_step(stats, **hyper)
+    ll_ok = jnp.isfinite(ll)
+    ok = ll_ok & _all_finite(new_params)
+    params = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(ok, new, old).astype(old.dtype), new_params, s.params
+    )
+    return FitResult(
+        params=params,
+        lower_bound=jnp.where(ll_ok, ll, s.lower_bound),
+        lower_bounds=jnp.where(ll_ok, s.lower_bounds.at[s.n_iter].set(ll), s.lower_bounds),
+        n_iter=s.n_iter + ll_ok.astype(jnp.int32),
+        converged=ok & (jnp.abs(ll - s.lower_bound) < tol),
+        failed=~ok,
+    )
+
+
+def _initial_state(params, n_history: int) -> FitResult:
+    dtype = _ll_dtype(params)
+    return FitResult(
+        params=params,
+        lower_bound=jnp.asarray(-jnp.inf, dtype),
+        lower_bounds=jnp.full((max(n_history, 1),), jnp.nan, dtype),
+        n_iter=jnp.asarray(0, jnp.int32),
+        converged=jnp.asarray(False),
+        failed=~_all_finite(params),
+    )
+
+
 def _run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None) -> FitResult:
     """The EM loop itself; traced inside jit (and vmap for restarts, shard_map for devices)."""
-    dtype = _ll_dtype(params)
-    tol = jnp.asarray(tol, dtype)
-    sharded = {} if axis_name is None else {"axis_name": axis_name}
+    tol = jnp.asarray(tol, _ll_dtype(params))
 
     def cond(s: FitResult):
         return (s.n_iter < max_iter) & ~s.converged & ~s.failed
 
     def body(s: FitResult) -> FitResult:
-        stats, ll = model.e_step(s.params, x, weights, **sharded)
-        ll = ll.astype(dtype)
-        new_params = model.m_step(stats, **hyper)
-        ll_ok = jnp.isfinite(ll)
-        ok = ll_ok & _all_finite(new_params)
-        params = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(ok, new, old).astype(old.dtype), new_params, s.params
-        )
-        return FitResult(
-            params=params,
-            lower_bound=jnp.where(ll_ok, ll, s.lower_bound),
-            lower_bounds=jnp.where(ll_ok, s.lower_bounds.at[s.n_iter].set(ll), s.lower_bounds),
-            n_iter=s.n_iter + ll_ok.astype(jnp.int32),
-            converged=ok & (jnp.abs(ll - s.lower_bound) < tol),
-            failed=~ok,
-        )
+        return _em_step(model, x, weights, hyper, tol, s, axis_name)
 
-    init = FitResult(
-        params=params,
-        lower_bound=jnp.asarray(-jnp.inf, dtype),
-        lower_bounds=jnp.full((max(max_iter, 1),), jnp.nan, dtype),
-        n_iter=jnp.asarray(0, jnp.int32),
-        converged=jnp.asarray(False),
-        failed=~_all_finite(params),
-    )
-    out = jax.lax.while_loop(cond, body, init)
+    out = jax.lax.while_loop(cond, body, _initial_state(params, max_iter))
     return out._replace(lower_bounds=out.lower_bounds[:max_iter])
 
 
@@ -328,6 +342,8 @@ def fit_restarts(
     _check_common(model, x, weights, tol, max_iter, hyper)
     _validation.check_int(n_components, "n_components", 1)
     _validation.check_int(n_init, "n_init", 1)
+    if hasattr(model, "with_batch"):
+        model = model.with_batch(n_init)
     _validation.check_data(x, "x", min_samples=n_components)
     x = _as_float(x)
     dtype = x.dtype

@@ -204,35 +204,13 @@ def log_joint(params: GMMParams, x: jax.Array, *, chunk_size: int | None = None)
     return out.reshape(n_chunks * chunk_size, -1)[:n]
 
 
-def _moments_per_component(diff: jax.Array, wr: jax.Array, covariance_type: str):
-    """Weighted moments about a per-component point (used once, at initialisation).
-
-    Args:
-      diff: (N, K, D) samples minus the centring point of each component.
-      wr: (N, K) sample weight times responsibility.
-    """
-    nk = jnp.sum(wr, axis=0)
-    sum_x = jnp.einsum("nk,nkd->kd", wr, diff, precision=PRECISION)
-    if covariance_type == "full":
-        sum_xx = jnp.einsum("nkd,nke->kde", wr[..., None] * diff, diff, precision=PRECISION)
-    elif covariance_type == "tied":
-        sum_xx = jnp.einsum("nkd,nke->de", wr[..., None] * diff, diff, precision=PRECISION)
-    else:
-        sum_xx = jnp.einsum("nk,nkd->kd", wr, diff * diff, precision=PRECISION)
-    return nk, sum_x, sum_xx
-
-
 def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array):
     """One block of the E-step: moments about the current means, and Σ w log p(x_n).
 
     Laid out samples-last ((K, C), (K·D, C)) so that the heavy steps are single large
-    matrix products. For ``full`` the second moments are ``Aᵀ (x − c)`` with
-    ``A = w r ⊙ (x − μ_k)`` stacked over components, minus a rank-one correction: centred on
-    the current means, float32 loses only ~eps·|μ_k − c|/σ_k there, not its square.
+    matrix products (see :func:`_whitened_sq_t` and :func:`_moments_t`).
     """
     cov_type = params.covariance_type
-    k, d = params.means.shape
-    mm = functools.partial(jnp.matmul, precision=PRECISION)
     c = _center(params)
     xc = x - c[None]  # (C, D)
     xt = xc.T
@@ -240,14 +218,37 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array):
     log_prob = _log_joint_t(params, xt, m)  # (K, C)
     log_norm = jax.nn.logsumexp(log_prob, axis=0)  # (C,)
     wr = w[None, :] * jnp.exp(log_prob - log_norm[None, :])  # (K, C)
+    moments = _moments_t(xc, wr, m, cov_type)
+    # Weight-zero rows (padding, overlap) add exactly zero, even if their density overflowed;
+    # where it did not, d total / d w_n = log p(x_n) still holds at w_n = 0.
+    total = jnp.sum(w * jnp.where((w > 0) | jnp.isfinite(log_norm), log_norm, 0.0))
+    return moments, total
+
+
+def _moments_t(xc: jax.Array, wr: jax.Array, m: jax.Array, cov_type: str):
+    """Weighted moments of one block about per-component points, as large products.
+
+    Args:
+      xc: (C, D) samples minus the centre c.
+      wr: (K, C) sample weight times responsibility (samples last).
+      m: (K, D) centring points minus c (the current means, for the E-step).
+      cov_type: covariance type (static).
+
+    Returns:
+      ``(nk, sum_x, sum_xx)``: Σ w r, Σ w r (x − μ_k), and the second moments about μ_k.
+      For ``full`` these are ``Aᵀ (x − c)`` with ``A = w r ⊙ (x − μ_k)`` stacked over
+      components, minus a rank-one correction, with ``sum_x`` taken from the same terms: the
+      rounding stays proportional to |x − μ_k| (a collapsed component gets ~eps², not
+      eps·|x|²).
+    """
+    k, d = m.shape
+    mm = functools.partial(jnp.matmul, precision=PRECISION)
+    xt = xc.T
     nk = jnp.sum(wr, axis=1)
     diff_t = xt[None] - m[:, :, None]  # (K, D, C) x − μ_k
     if cov_type == "full":
         a_t = (wr[:, None, :] * diff_t).reshape(k * d, -1)
         # One product gives Σ w r (x−μ)(x−c)ᵀ and, through the ones column, Σ w r (x−μ).
-        # Then Σ w r (x−μ)(x−μ)ᵀ = Σ w r (x−μ)(x−c)ᵀ − sum_x mᵀ, with sum_x taken from the
-        # same terms, so the rounding stays proportional to |x − μ| (a collapsed component
-        # gets ~eps² noise, not eps·|x|²).
         xc1 = jnp.concatenate([xc, jnp.ones((xc.shape[0], 1), xc.dtype)], axis=1)
         s = mm(a_t, xc1).reshape(k, d, d + 1)
         sum_x = s[:, :, d]
@@ -263,9 +264,7 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array):
     else:
         sum_x = jnp.einsum("kc,kdc->kd", wr, diff_t, precision=PRECISION)
         sum_xx = jnp.einsum("kc,kdc->kd", wr, diff_t * diff_t, precision=PRECISION)
-    # Weight-zero rows (padding, overlap) add exactly zero, even if their density overflowed.
-    total = jnp.sum(jnp.where(w > 0, w * log_norm, 0.0))
-    return (nk, sum_x, sum_xx), total
+    return nk, sum_x, sum_xx
 
 
 # Bytes of the E-step's per-block temporaries. ``full`` spends its block on matrix products,
@@ -276,12 +275,16 @@ CHUNK_BUDGET_BYTES = {"full": 8 * 2**20, "tied": 2**20, "diag": 2**20, "spherica
 
 
 def auto_chunk_size(
-    n_samples: int, n_components: int, n_features: int, dtype, covariance_type: str = "full"
+    n_samples: int, n_components: int, n_features: int, dtype, covariance_type: str = "full",
+    batch: int = 1,
 ) -> int:
-    """Rows per E-step block so that its temporaries fit in :data:`CHUNK_BUDGET_BYTES`."""
+    """Rows per E-step block so that its temporaries fit in :data:`CHUNK_BUDGET_BYTES`.
+
+    ``batch`` parameter sets processed together (vmapped restarts) share the budget.
+    """
     itemsize = np.dtype(dtype).itemsize
     arrays = 3 if covariance_type == "full" else 1
-    per_row = arrays * n_components * n_features * itemsize
+    per_row = batch * arrays * n_components * n_features * itemsize
     budget = CHUNK_BUDGET_BYTES[covariance_type]
     return int(max(128, min(n_samples, budget // per_row)))
 
@@ -318,6 +321,7 @@ def e_step(
     *,
     chunk_size: int | None = None,
     axis_name: str | None = None,
+    batch: int = 1,
 ) -> tuple[GMMStats, jax.Array]:
     """E-step: responsibilities, reduced at once to expected sufficient statistics.
 
@@ -330,6 +334,8 @@ def e_step(
         :data:`CHUNK_BUDGET_BYTES`; ``chunk_size >= N`` is a single pass.
       axis_name: inside ``shard_map``/``pmap`` over samples, the mapped axis to ``psum`` the
         statistics over (data parallelism); the result is then the same on every device.
+      batch: number of parameter sets vmapped together (restarts); the automatic block
+        size shrinks accordingly so the temporaries stay in cache.
 
     Returns:
       ``(stats, log_likelihood)``: the statistics summed over samples, and the weighted mean
@@ -341,7 +347,7 @@ def e_step(
     w = jnp.ones((n,), dtype) if weights is None else jnp.asarray(weights, dtype)
     if chunk_size is None:
         chunk_size = auto_chunk_size(
-            n, params.n_components, params.n_features, dtype, params.covariance_type
+            n, params.n_components, params.n_features, dtype, params.covariance_type, batch
         )
     block = functools.partial(_e_step_block, params)
     (nk, sum_x, sum_xx), total = _blockwise_sum(block, x, w, chunk_size)
@@ -481,9 +487,10 @@ def init(
     center = jnp.sum(w[:, None] * x, axis=0) / jnp.sum(w)
     sums = jnp.matmul(wr.T, x, precision=PRECISION)
     shift = jnp.where(nk[:, None] > 0, sums / jnp.where(nk > 0, nk, 1.0)[:, None], center)
-    chunk = auto_chunk_size(x.shape[0], n_components, x.shape[1], dtype)
+    chunk = auto_chunk_size(x.shape[0], n_components, x.shape[1], dtype, covariance_type)
     moments = _blockwise_sum(
-        lambda xs, wrs: _moments_per_component(xs[:, None, :] - shift[None], wrs, covariance_type),
+        lambda xs, wrs: _moments_t(xs - center[None], wrs.T, shift - center[None],
+                                   covariance_type),
         x, wr, chunk,
     )
     params = m_step(GMMStats(*moments, shift, covariance_type), reg_covar)
@@ -541,15 +548,21 @@ class GaussianMixtureModel:
     Attributes:
       covariance_type: ``full``, ``tied``, ``diag`` or ``spherical``.
       chunk_size: E-step block size (see :func:`e_step`); None picks it automatically.
+      batch: parameter sets vmapped together (set by :meth:`with_batch`).
     """
 
     covariance_type: str = "full"
     chunk_size: int | None = None
+    batch: int = 1
 
     def __post_init__(self):
         _validation.check_covariance_type(self.covariance_type)
         if self.chunk_size is not None:
             _validation.check_int(self.chunk_size, "chunk_size", 1)
+
+    def with_batch(self, n: int) -> GaussianMixtureModel:
+        """This model sized for ``n`` vmapped parameter sets (called by ``fit_restarts``)."""
+        return dataclasses.replace(self, batch=n)
 
     def default_hyper(self) -> dict:
         """Default M-step hyperparameters (the drivers fill these in)."""
@@ -566,7 +579,8 @@ class GaussianMixtureModel:
 
     def e_step(self, params: GMMParams, x: jax.Array, weights: jax.Array | None = None,
                axis_name: str | None = None):
-        return e_step(params, x, weights, chunk_size=self.chunk_size, axis_name=axis_name)
+        return e_step(params, x, weights, chunk_size=self.chunk_size, axis_name=axis_name,
+                      batch=self.batch)
 
     def m_step(self, stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
         return m_step(stats, reg_covar)
