@@ -1,6 +1,12 @@
 """jaxem: Expectation-Maximization in JAX, with the Gaussian mixture as its flagship."""
 
-from jaxem import elbo, gmm, kmeans
+from jaxem import differentiable, elbo, gmm, kmeans
+from jaxem.differentiable import (
+    GradientWarning,
+    envelope_log_likelihood,
+    fit_implicit,
+    fit_unrolled,
+)
 from jaxem.em import FitResult, RestartsResult, fit, fit_restarts
 from jaxem.estimator import ConvergenceWarning, GaussianMixture
 from jaxem.gmm import GaussianMixtureModel, GMMParams, GMMStats
@@ -14,11 +20,16 @@ __all__ = [
     "GMMStats",
     "GaussianMixture",
     "GaussianMixtureModel",
+    "GradientWarning",
     "RestartsResult",
     "__version__",
+    "differentiable",
     "elbo",
+    "envelope_log_likelihood",
     "fit",
+    "fit_implicit",
     "fit_restarts",
+    "fit_unrolled",
     "gmm",
     "kmeans",
 ]

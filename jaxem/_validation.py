@@ -90,7 +90,9 @@ def all_finite(x, block_rows: int = 1 << 18) -> bool:
     """Whether every entry is finite, without an N×D temporary (blocks on the host, one
     fused reduction for arrays already on a device)."""
     if isinstance(x, jax.Array):
-        return bool(_jit_all_finite(x))
+        # A concrete array closed over inside someone's jit is still checked eagerly.
+        with jax.ensure_compile_time_eval():
+            return bool(_jit_all_finite(x))
     arr = np.asarray(x)
     return all(np.isfinite(arr[i:i + block_rows]).all() for i in range(0, len(arr), block_rows))
 

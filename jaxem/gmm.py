@@ -349,8 +349,12 @@ def e_step(
         chunk_size = auto_chunk_size(
             n, params.n_components, params.n_features, dtype, params.covariance_type, batch
         )
-    block = functools.partial(_e_step_block, params)
-    (nk, sum_x, sum_xx), total = _blockwise_sum(block, x, w, chunk_size)
+    # Under reverse-mode differentiation a block is recomputed rather than its O(C·K·D)
+    # temporaries stored: a gradient through a fit keeps O(K·D²) per block, not O(N·K·D).
+    block = jax.checkpoint(_e_step_block)
+    (nk, sum_x, sum_xx), total = _blockwise_sum(
+        lambda xs, ws: block(params, xs, ws), x, w, chunk_size
+    )
     w_sum = jnp.sum(w)
     if axis_name is not None:
         nk, sum_x, sum_xx, total, w_sum = jax.lax.psum(

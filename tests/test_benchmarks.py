@@ -25,3 +25,13 @@ def test_bench_memory_smoke():
     )
     assert out.returncode == 0, out.stderr
     assert "peak RSS" in out.stdout and "failed=False" in out.stdout
+
+
+def test_bench_grad_smoke():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_grad.py"), "--smoke"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    for name in ("forward fit", "implicit", "unrolled, checkpoint=True", "envelope"):
+        assert name in out.stdout

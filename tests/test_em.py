@@ -293,3 +293,16 @@ def test_devices_argument_is_checked(blobs):
     params = gmm.init(jax.random.PRNGKey(0), blobs, 2, "full")
     with pytest.raises(TypeError, match="axis_name"):
         jaxem.fit(PoissonMixture(), blobs, params, devices=[jax.devices()[0]] * 2)
+
+
+def test_data_closed_over_inside_jit_is_still_validated(blobs):
+    """A concrete array captured by the caller's jit is checked eagerly, not traced."""
+    x = jnp.asarray(blobs, jnp.float32)
+    model = gmm.GaussianMixtureModel("diag")
+    params = gmm.init(jax.random.PRNGKey(0), x, 3, "diag", method="kmeans")
+    bound = jax.jit(lambda r: jaxem.fit(model, x, params, reg_covar=r).lower_bound)
+    assert float(bound(1e-3)) == pytest.approx(
+        float(jaxem.fit(model, x, params, reg_covar=1e-3).lower_bound), rel=1e-6)
+    bad = x.at[3, 1].set(jnp.inf)
+    with pytest.raises(ValueError, match="x contains 1 NaN or infinite"):
+        jax.jit(lambda r: jaxem.fit(model, bad, params, reg_covar=r).lower_bound)(1e-3)

@@ -1,0 +1,259 @@
+"""Gradients through a fit: unrolled, implicit and envelope, against finite differences."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_blobs
+from helpers import tree_allclose
+
+import jaxem
+from jaxem import gmm
+
+COV_TYPES = ["full", "tied", "diag", "spherical"]
+FD_STEP = 1e-5
+
+
+def _problem(rng, cov_type, n_per=30):
+    """Well-separated blobs (EM converges fast), weights, initial params, a random loss."""
+    x = make_blobs(rng, n_per=n_per, k=3, d=2, sep=6.0)
+    w = rng.uniform(0.5, 1.5, size=len(x))
+    p0 = gmm.init(jax.random.PRNGKey(0), x, 3, cov_type, method="kmeans")
+    proj = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape)), p0)
+    return jnp.asarray(x), jnp.asarray(w), p0, proj
+
+
+def _loss_of(fit_fn, p0, proj):
+    """A loss reading every parameter and the fitted log-likelihood."""
+
+    def loss(x, w, reg_covar):
+        res = fit_fn(x, p0, w, reg_covar)
+        leaves = zip(jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(proj),
+                     strict=True)
+        return sum(jnp.vdot(a, b) for a, b in leaves) + res.lower_bound
+
+    return loss
+
+
+def _implicit(model):
+    return lambda x, p0, w, r: jaxem.fit_implicit(model, x, p0, weights=w, tol=-1.0,
+                                                  max_iter=200, reg_covar=r)
+
+
+def _unrolled(model, n_steps=12, checkpoint=False):
+    return lambda x, p0, w, r: jaxem.fit_unrolled(model, x, p0, weights=w, n_steps=n_steps,
+                                                  checkpoint=checkpoint, reg_covar=r)
+
+
+def _check_against_fd(loss, args, grads, rng, rtol=1e-5):
+    for i, (a, g) in enumerate(zip(args, grads, strict=True)):
+        v = jnp.asarray(rng.normal(size=np.shape(a)))
+        plus = [*args[:i], a + FD_STEP * v, *args[i + 1:]]
+        minus = [*args[:i], a - FD_STEP * v, *args[i + 1:]]
+        fd = (loss(*plus) - loss(*minus)) / (2 * FD_STEP)
+        np.testing.assert_allclose(float(jnp.vdot(g, v)), float(fd), rtol=rtol,
+                                   err_msg=f"argument {['x', 'weights', 'reg_covar'][i]}")
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "implicit"])
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_gradients_match_finite_differences(x64, rng, cov_type, mode):
+    x, w, p0, proj = _problem(rng, cov_type)
+    model = gmm.GaussianMixtureModel(cov_type)
+    fit_fn = _implicit(model) if mode == "implicit" else _unrolled(model)
+    loss = jax.jit(_loss_of(fit_fn, p0, proj))
+    args = (x, w, jnp.asarray(1e-2))
+    grads = jax.grad(loss, argnums=(0, 1, 2))(*args)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    _check_against_fd(loss, args, grads, rng)
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_envelope_gradient_equals_implicit_and_finite_differences(x64, rng, cov_type):
+    x, w, p0, _ = _problem(rng, cov_type)
+    model = gmm.GaussianMixtureModel(cov_type)
+
+    def fitted(x, w, reg_covar):
+        return jaxem.fit_implicit(model, x, p0, weights=w, tol=-1.0, max_iter=300,
+                                  reg_covar=reg_covar)
+
+    def total(x, w, reg_covar):  # ℓ(x, θ*(x)): its derivative through the adjoint solve
+        return fitted(x, w, reg_covar).lower_bound
+
+    def envelope(x, w, reg_covar):  # the same value, θ* held fixed
+        params = fitted(x, w, reg_covar).params
+        return jaxem.envelope_log_likelihood(model, params, x, w)
+
+    args = (x, w, jnp.asarray(0.0))  # reg_covar = 0: θ* maximises ℓ
+    g_env = jax.grad(envelope, argnums=(0, 1, 2))(*args)
+    g_tot = jax.grad(total, argnums=(0, 1, 2))(*args)
+    for a, b in zip(g_env[:2], g_tot[:2], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-10)
+    # The envelope's partial in reg_covar is zero; at reg_covar = 0 so is the total derivative.
+    assert float(g_env[2]) == 0.0 and abs(float(g_tot[2])) < 1e-6
+    _check_against_fd(jax.jit(lambda x, w: total(x, w, 0.0)), args[:2], g_env[:2], rng)
+
+
+def test_envelope_is_an_approximation_when_regularised(x64, rng):
+    x, w, p0, _ = _problem(rng, "full")
+    model = gmm.GaussianMixtureModel("full")
+
+    def fitted(x, reg):
+        return jaxem.fit_implicit(model, x, p0, weights=w, tol=-1.0, max_iter=300, reg_covar=reg)
+
+    total = jax.grad(lambda x: fitted(x, 0.3).lower_bound)(x)
+    env = jax.grad(lambda x: jaxem.envelope_log_likelihood(model, fitted(x, 0.3).params, x, w))(x)
+    assert not np.allclose(np.asarray(total), np.asarray(env), rtol=1e-3)
+
+
+def test_implicit_agrees_with_long_unrolled(x64, rng):
+    x, w, p0, proj = _problem(rng, "full")
+    model = gmm.GaussianMixtureModel("full")
+    args = (x, w, jnp.asarray(1e-3))
+    g_imp = jax.grad(_loss_of(_implicit(model), p0, proj), argnums=(0, 1, 2))(*args)
+    g_unr = jax.grad(_loss_of(_unrolled(model, n_steps=150), p0, proj), argnums=(0, 1, 2))(*args)
+    assert tree_allclose(g_imp, g_unr, rtol=1e-6, atol=1e-12)
+    # ...but a short unroll is a different (truncated) derivative.
+    g_short = jax.grad(_loss_of(_unrolled(model, n_steps=2), p0, proj))(*args)
+    assert not np.allclose(np.asarray(g_short), np.asarray(g_imp[0]), rtol=1e-3)
+
+
+def test_checkpointed_unroll_gives_the_same_gradient(x64, rng):
+    x, w, p0, proj = _problem(rng, "diag")
+    model = gmm.GaussianMixtureModel("diag")
+    args = (x, w, jnp.asarray(1e-3))
+    g = jax.grad(_loss_of(_unrolled(model), p0, proj), argnums=(0, 1, 2))(*args)
+    g_ck = jax.grad(_loss_of(_unrolled(model, checkpoint=True), p0, proj), argnums=(0, 1, 2))(*args)
+    assert tree_allclose(g, g_ck, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cov_type", ["full", "spherical"])
+def test_forward_values_are_those_of_fit(x64, rng, cov_type):
+    x, w, p0, _ = _problem(rng, cov_type)
+    model = gmm.GaussianMixtureModel(cov_type)
+    ref = jaxem.fit(model, x, p0, weights=w, tol=-1.0, max_iter=7, reg_covar=1e-3)
+    unr = jaxem.fit_unrolled(model, x, p0, weights=w, n_steps=7, reg_covar=1e-3)
+    assert tree_allclose(ref.params, unr.params, rtol=1e-13)
+    np.testing.assert_allclose(unr.lower_bounds, ref.lower_bounds, rtol=1e-13)
+    assert int(unr.n_iter) == 7 and not bool(unr.failed)
+    ref = jaxem.fit(model, x, p0, weights=w, tol=1e-8, max_iter=300, reg_covar=1e-3)
+    imp = jaxem.fit_implicit(model, x, p0, weights=w, tol=1e-8, max_iter=300, reg_covar=1e-3)
+    assert tree_allclose(ref.params, imp.params, rtol=1e-13)
+    assert int(imp.n_iter) == int(ref.n_iter) and bool(imp.converged)
+    _, ll = model.e_step(imp.params, x, w)
+    assert float(imp.lower_bound) == pytest.approx(float(ll), rel=1e-14)
+
+
+def test_weight_gradient_at_zero_weight_is_the_log_density(x64, rng):
+    x, w, p0, _ = _problem(rng, "full")
+    w = w.at[5].set(0.0)
+    params = jaxem.fit(gmm.GaussianMixtureModel("full"), x, p0, weights=w).params
+    g = jax.grad(lambda w: jaxem.envelope_log_likelihood(
+        gmm.GaussianMixtureModel("full"), params, x, w))(w)
+    ll = float(jnp.sum(w * gmm.score_samples(params, x)) / jnp.sum(w))
+    expected = (float(gmm.score_samples(params, x)[5]) - ll) / float(jnp.sum(w))
+    assert float(g[5]) == pytest.approx(expected, rel=1e-10)
+
+
+def _slow_problem(rng):
+    """Two heavily overlapping components: EM (and the adjoint solve) converge slowly."""
+    x = np.concatenate([rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) + [1.2, 0]])
+    p0 = gmm.init(jax.random.PRNGKey(0), x, 2, "full", method="kmeans")
+    return jnp.asarray(x), p0
+
+
+def _grad_with_warnings(fn, *args):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = jax.block_until_ready(jax.grad(fn)(*args))
+        jax.effects_barrier()
+    return g, [c for c in caught if issubclass(c.category, jaxem.GradientWarning)]
+
+
+def test_adjoint_non_convergence_is_reported_not_returned(rng):
+    x, p0 = _slow_problem(rng)
+    model = gmm.GaussianMixtureModel("full")
+
+    def loss(x, **kw):
+        return jnp.sum(jaxem.fit_implicit(model, x, p0, **kw).params.means)
+
+    g, caught = _grad_with_warnings(loss, x)
+    assert not caught and np.all(np.isfinite(np.asarray(g)))
+    g, caught = _grad_with_warnings(lambda x: loss(x, adjoint_max_iter=2), x)
+    assert len(caught) == 1 and "adjoint solve did not converge" in str(caught[0].message)
+    assert np.all(np.isnan(np.asarray(g)))
+
+
+def test_gradient_through_an_unconverged_fit_warns(rng):
+    x, p0 = _slow_problem(rng)
+    model = gmm.GaussianMixtureModel("full")
+    g, caught = _grad_with_warnings(
+        lambda x: jnp.sum(jaxem.fit_implicit(model, x, p0, max_iter=3).params.means), x)
+    assert len(caught) == 1 and "away from a fixed point" in str(caught[0].message)
+    assert np.all(np.isfinite(np.asarray(g)))  # an approximation, flagged, not NaN
+
+
+def test_jit_vmap_grad_compose(x64, rng):
+    model = gmm.GaussianMixtureModel("full")
+    datasets = jnp.stack([jnp.asarray(make_blobs(rng, n_per=20, k=3, d=2, sep=6.0))
+                          for _ in range(3)])
+    p0 = gmm.init(jax.random.PRNGKey(0), datasets[0], 3, "full", method="kmeans")
+
+    def loss(x, p0, reg_covar):
+        res = jaxem.fit_implicit(model, x, p0, tol=-1.0, max_iter=100, reg_covar=reg_covar)
+        return jnp.sum(res.params.covariances) + res.lower_bound
+
+    grad = jax.grad(loss, argnums=(0, 2))
+    one = [jax.jit(grad)(x, p0, 1e-3) for x in datasets]
+    # jit of grad is grad
+    assert tree_allclose(grad(datasets[0], p0, 1e-3), one[0], rtol=1e-12)
+    # vmap of grad over datasets
+    batched = jax.vmap(grad, in_axes=(0, None, None))(datasets, p0, 1e-3)
+    assert tree_allclose(batched, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *one),
+                         rtol=1e-10)
+    # vmap over restarts (initial parameters), and grad of a vmapped fit
+    inits = jax.vmap(lambda k: gmm.init(k, datasets[0], 3, "full", method="kmeans"))(
+        jax.random.split(jax.random.PRNGKey(1), 2))
+    per_restart = jax.vmap(grad, in_axes=(None, 0, None))(datasets[0], inits, 1e-3)
+    for i in range(2):
+        p_i = jax.tree_util.tree_map(lambda a, i=i: a[i], inits)
+        assert tree_allclose(jax.tree_util.tree_map(lambda a, i=i: a[i], per_restart),
+                             jax.jit(grad)(datasets[0], p_i, 1e-3), rtol=1e-10)
+    g_sum = jax.grad(lambda xs: jnp.sum(jax.vmap(loss, in_axes=(0, None, None))(xs, p0, 1e-3)))(
+        datasets)
+    assert tree_allclose(g_sum, jnp.stack([g[0] for g in one]), rtol=1e-10)
+    # the unrolled fit composes the same way
+    unrolled = jax.vmap(jax.grad(lambda x: jnp.sum(
+        jaxem.fit_unrolled(model, x, p0, n_steps=5).params.means)))(datasets)
+    assert unrolled.shape == datasets.shape and np.all(np.isfinite(np.asarray(unrolled)))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m, x, p: jaxem.fit_unrolled(m, x, p, n_steps=0), ValueError, "n_steps"),
+        (lambda m, x, p: jaxem.fit_unrolled(m, x, p, n_steps=2, checkpoint=1), TypeError,
+         "checkpoint"),
+        (lambda m, x, p: jaxem.fit_unrolled(m, x, p, n_steps=2, reg_covar=-1.0), ValueError,
+         "reg_covar"),
+        (lambda m, x, p: jaxem.fit_implicit(m, x, p, adjoint_max_iter=0), ValueError,
+         "adjoint_max_iter"),
+        (lambda m, x, p: jaxem.fit_implicit(m, x, p, adjoint_tol=-1e-3), ValueError,
+         "adjoint_tol"),
+        (lambda m, x, p: jaxem.fit_implicit(m, x, p, fixed_point_tol=float("nan")), ValueError,
+         "fixed_point_tol"),
+        (lambda m, x, p: jaxem.fit_implicit(m, x, p, weights=-np.ones(len(x))), ValueError,
+         "weights"),
+        (lambda m, x, p: jaxem.fit_implicit(m, x.at[0, 0].set(jnp.nan), p), ValueError, "x"),
+        (lambda m, x, p: jaxem.fit_implicit(
+            m, x, gmm.GMMParams(p.weights * jnp.nan, p.means, p.covariances,
+                                p.precisions_cholesky, p.covariance_type)), ValueError, "params"),
+        (lambda m, x, p: jaxem.envelope_log_likelihood(m, p, x[0]), ValueError, "x"),
+    ],
+)
+def test_bad_input_is_rejected_eagerly(rng, call, error, match):
+    x, _, p0, _ = _problem(rng, "full", n_per=5)
+    with pytest.raises(error, match=match):
+        call(gmm.GaussianMixtureModel("full"), x.astype(jnp.float32), p0)
