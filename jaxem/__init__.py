@@ -1,6 +1,6 @@
 """jaxem: Expectation-Maximization in JAX, with the Gaussian mixture as its flagship."""
 
-from jaxem import differentiable, elbo, gmm, kmeans
+from jaxem import differentiable, elbo, gmm, io, kmeans
 from jaxem.differentiable import (
     GradientWarning,
     envelope_log_likelihood,
@@ -10,6 +10,7 @@ from jaxem.differentiable import (
 from jaxem.em import FitResult, RestartsResult, fit, fit_restarts
 from jaxem.estimator import ConvergenceWarning, GaussianMixture
 from jaxem.gmm import GaussianMixtureModel, GMMParams, GMMStats
+from jaxem.io import ModelFileError, load, save
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "GaussianMixture",
     "GaussianMixtureModel",
     "GradientWarning",
+    "ModelFileError",
     "RestartsResult",
     "__version__",
     "differentiable",
@@ -31,5 +33,8 @@ __all__ = [
     "fit_restarts",
     "fit_unrolled",
     "gmm",
+    "io",
     "kmeans",
+    "load",
+    "save",
 ]

@@ -21,9 +21,11 @@ parameters are returned.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -103,7 +105,25 @@ def _initial_state(params, n_history: int) -> FitResult:
     )
 
 
-def _run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None) -> FitResult:
+@dataclasses.dataclass(frozen=True)
+class _Progress:
+    """Host-side hook called once per EM iteration from inside the compiled loop.
+
+    Hashable (it is a static argument): equal hooks share one compilation.
+    """
+
+    fn: Callable[[int, int, float, float], None]  # (restart, iteration, loglik, change)
+
+    def __call__(self, active, restart, iteration, ll, change):
+        # Under vmap the loop body also runs for restarts that have stopped; skip those.
+        for a, r, i, v, c in zip(*np.broadcast_arrays(active, restart, iteration, ll, change),
+                                 strict=True):
+            if a:
+                self.fn(int(r), int(i), float(v), float(c))
+
+
+def _run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None,
+         progress: _Progress | None = None, restart=0) -> FitResult:
     """The EM loop itself; traced inside jit (and vmap for restarts, shard_map for devices)."""
     tol = jnp.asarray(tol, _ll_dtype(params))
 
@@ -111,7 +131,15 @@ def _run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None) -
         return (s.n_iter < max_iter) & ~s.converged & ~s.failed
 
     def body(s: FitResult) -> FitResult:
-        return _em_step(model, x, weights, hyper, tol, s, axis_name)
+        new = _em_step(model, x, weights, hyper, tol, s, axis_name)
+        if progress is not None:
+            active = cond(s) & (new.n_iter > s.n_iter)
+            if axis_name is not None:  # one report, not one per device
+                active = active & (jax.lax.axis_index(axis_name) == 0)
+            jax.debug.callback(progress, active[None], jnp.asarray(restart)[None],
+                               new.n_iter[None], new.lower_bound[None],
+                               (new.lower_bound - s.lower_bound)[None])
+        return new
 
     out = jax.lax.while_loop(cond, body, _initial_state(params, max_iter))
     return out._replace(lower_bounds=out.lower_bounds[:max_iter])
@@ -140,22 +168,23 @@ def _over_devices(fn, mesh: Mesh | None):
     return wrapped
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_iter", "mesh"))
-def _fit_jit(model, x, weights, params, tol, max_iter, hyper, mesh=None):
+@functools.partial(jax.jit, static_argnames=("model", "max_iter", "mesh", "progress"))
+def _fit_jit(model, x, weights, params, tol, max_iter, hyper, mesh=None, progress=None):
     axis = None if mesh is None else _DATA
 
     def run(x, weights, params, tol, hyper):
-        return _run(model, x, weights, params, tol, max_iter, hyper, axis)
+        return _run(model, x, weights, params, tol, max_iter, hyper, axis, progress)
 
     return _over_devices(run, mesh)(x, weights, params, tol, hyper)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "max_iter", "n_init", "n_components", "init_method", "mesh"),
+    static_argnames=("model", "max_iter", "n_init", "n_components", "init_method", "mesh",
+                     "progress"),
 )
 def _restarts_jit(model, x, weights, key, tol, max_iter, n_init, n_components, init_method,
-                  init_kwargs, hyper, mesh=None):
+                  init_kwargs, hyper, mesh=None, progress=None):
     keys = jax.random.split(key, n_init)
     # Initialisation sees the whole (possibly sharded) data; XLA partitions it.
     params0 = jax.vmap(
@@ -166,7 +195,9 @@ def _restarts_jit(model, x, weights, key, tol, max_iter, n_init, n_components, i
     axis = None if mesh is None else _DATA
 
     def run(x, weights, params0, tol, hyper):
-        return jax.vmap(lambda p: _run(model, x, weights, p, tol, max_iter, hyper, axis))(params0)
+        return jax.vmap(
+            lambda p, r: _run(model, x, weights, p, tol, max_iter, hyper, axis, progress, r)
+        )(params0, jnp.arange(n_init))
 
     runs = _over_devices(run, mesh)(x, weights, params0, tol, hyper)
     # Pick the best on device: highest lower bound; a restart that never produced a finite
@@ -264,6 +295,7 @@ def fit(
     tol: jax.typing.ArrayLike = 1e-3,
     max_iter: int = 100,
     devices=None,
+    progress: Callable[[int, int, float, float], None] | None = None,
     **hyper,
 ) -> FitResult:
     """Run EM from ``params`` until convergence, as one compiled program.
@@ -278,6 +310,10 @@ def fit(
       max_iter: iteration cap (static: it sizes the history buffer).
       devices: devices to shard the samples over (data parallelism). ``None``: all local
         devices when there are several, else a plain single-device fit.
+      progress: optional ``progress(restart, iteration, log_likelihood, change)`` called on
+        the host after every iteration, from inside the compiled loop
+        (``jax.debug.callback``; a hashable callable, e.g. a module-level function, so that
+        the program is reused). Costs one host round trip per iteration.
       **hyper: hyperparameters of the model's M-step, e.g. ``reg_covar`` (traced).
 
     Returns:
@@ -297,7 +333,7 @@ def fit(
     weights = None if weights is None else _as_float(weights, dtype)
     hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
     return _fit_jit(model, x, weights, params, jnp.asarray(tol, dtype), max_iter, hyper,
-                    mesh=mesh)
+                    mesh=mesh, progress=None if progress is None else _Progress(progress))
 
 
 def fit_restarts(
@@ -313,6 +349,7 @@ def fit_restarts(
     max_iter: int = 100,
     init_kwargs: dict | None = None,
     devices=None,
+    progress: Callable[[int, int, float, float], None] | None = None,
     **hyper,
 ) -> RestartsResult:
     """``n_init`` independent initialisations and fits, vmapped in one compiled program.
@@ -333,6 +370,7 @@ def fit_restarts(
       max_iter: iteration cap (static).
       init_kwargs: extra traced arrays for ``model.init`` (e.g. ``means_init``).
       devices: as in :func:`fit`.
+      progress: as in :func:`fit`; ``restart`` tells the restarts apart.
       **hyper: M-step hyperparameters (traced), also passed to ``model.init``.
 
     Returns:
@@ -356,4 +394,5 @@ def fit_restarts(
     return _restarts_jit(
         model, x, weights, key, jnp.asarray(tol, dtype), max_iter, n_init, n_components,
         init_method, init_kwargs, hyper, mesh=mesh,
+        progress=None if progress is None else _Progress(progress),
     )

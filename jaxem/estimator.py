@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxem import _validation, em, gmm
+from jaxem import _validation, em, gmm, io
 from jaxem._linalg import precisions_from_cholesky
 
 try:  # scikit-learn is an optional peer.
@@ -194,13 +194,15 @@ class GaussianMixture(*_BASES):
         return given
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, X, y=None, sample_weight=None):
+    def fit(self, X, y=None, sample_weight=None, *, progress=None):
         """Estimate the parameters with EM; ``n_init`` restarts run vmapped.
 
         Args:
           X: (N, D) data.
           y: ignored (scikit-learn API).
           sample_weight: optional (N,) non-negative weights.
+          progress: optional ``progress(restart, iteration, log_likelihood, change)`` called
+            after every iteration from inside the compiled loop (see :func:`jaxem.fit`).
 
         Returns:
           self.
@@ -216,7 +218,7 @@ class GaussianMixture(*_BASES):
         if self.warm_start and hasattr(self, "params_"):
             result = em.fit(
                 model, X, self.params_, weights=weights, tol=self.tol, max_iter=self.max_iter,
-                reg_covar=self.reg_covar,
+                progress=progress, reg_covar=self.reg_covar,
             )
             self.fit_result_ = em.RestartsResult(
                 result, jnp.asarray(0), jax.tree_util.tree_map(lambda a: a[None], result)
@@ -228,7 +230,8 @@ class GaussianMixture(*_BASES):
             self.fit_result_ = em.fit_restarts(
                 model, X, key, n_components=self.n_components, n_init=n_init,
                 init_method=self.init_params, weights=weights, tol=self.tol,
-                max_iter=self.max_iter, init_kwargs=init_kwargs, reg_covar=self.reg_covar,
+                max_iter=self.max_iter, init_kwargs=init_kwargs, progress=progress,
+                reg_covar=self.reg_covar,
             )
         self._set_fitted(self.fit_result_.best, X.shape[1])
         return self
@@ -242,19 +245,11 @@ class GaussianMixture(*_BASES):
                 "ill-defined covariance (e.g. collapsed or duplicate samples). Increase "
                 "reg_covar, decrease n_components, or rescale the data."
             )
-        self.params_ = best.params
-        self.weights_ = np.asarray(best.params.weights)
-        self.means_ = np.asarray(best.params.means)
-        self.covariances_ = np.asarray(best.params.covariances)
-        self.precisions_cholesky_ = np.asarray(best.params.precisions_cholesky)
-        self.precisions_ = np.asarray(
-            precisions_from_cholesky(best.params.precisions_cholesky, self.covariance_type)
-        )
+        self._store_params(best.params)
         self.converged_ = bool(best.converged)
         self.n_iter_ = n_iter
         self.lower_bound_ = float(best.lower_bound)
         self.lower_bounds_ = np.asarray(best.lower_bounds)[:n_iter]
-        self.n_features_in_ = n_features
         if self.verbose:
             for i in range(0, n_iter, self.verbose_interval):
                 print(f"  Iteration {i + 1}\t log-likelihood {self.lower_bounds_[i]:.6f}")
@@ -275,6 +270,39 @@ class GaussianMixture(*_BASES):
                 ConvergenceWarning,
                 stacklevel=3,
             )
+
+    def _store_params(self, params: gmm.GMMParams):
+        self.params_ = params
+        self.weights_ = np.asarray(params.weights)
+        self.means_ = np.asarray(params.means)
+        self.covariances_ = np.asarray(params.covariances)
+        self.precisions_cholesky_ = np.asarray(params.precisions_cholesky)
+        self.precisions_ = np.asarray(
+            precisions_from_cholesky(params.precisions_cholesky, params.covariance_type)
+        )
+        self.n_features_in_ = self.means_.shape[1]
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path):
+        """Write the fitted model to ``path`` (``.npz``; see :func:`jaxem.io.save`)."""
+        self._check_is_fitted()
+        return io.save(path, self)
+
+    @classmethod
+    def load(cls, path) -> GaussianMixture:
+        """A fitted estimator from a file written by :meth:`save` or :func:`jaxem.save`.
+
+        The file is validated (see :func:`jaxem.io.read`); the estimator predicts exactly
+        what the saved one did. ``lower_bounds_`` (the history) is not stored.
+        """
+        params, info = io.read(path)
+        gm = cls(params.n_components, covariance_type=params.covariance_type)
+        gm._store_params(jax.tree_util.tree_map(jnp.asarray, params))
+        gm.converged_ = info.get("converged", True)
+        gm.n_iter_ = info.get("n_iter", 0)
+        gm.lower_bound_ = info.get("lower_bound", float("nan"))
+        gm.lower_bounds_ = np.asarray([], params.means.dtype)
+        return gm
 
     def fit_predict(self, X, y=None, sample_weight=None):
         """Fit, then return the (N,) component labels of ``X``."""

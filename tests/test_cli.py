@@ -55,3 +55,144 @@ def test_demo_error_is_one_line(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr and "--max-k must be >= 1" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- fit/select/...
+
+import numpy as np  # noqa: E402
+
+from jaxem.datasets import load_old_faithful  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    x, names = load_old_faithful()
+    np.savetxt(d / "header.csv", x, delimiter=",", header=",".join(names), comments="",
+               fmt="%.3f")
+    np.savetxt(d / "plain.csv", x, delimiter=",", fmt="%.3f")
+    np.save(d / "x.npy", x)
+    np.savez(d / "x.npz", x=x)
+    wide = np.column_stack([x, np.random.default_rng(0).normal(size=len(x))])
+    np.savetxt(d / "wide.csv", wide, delimiter=",", header="eruptions,waiting,noise",
+               comments="", fmt="%.4f")
+    return d, x
+
+
+def _progress(text):
+    rows = [ln.split() for ln in text.splitlines() if ln.strip().startswith("restart")]
+    return [(int(r[1]), int(r[3]), float(r[5])) for r in rows]
+
+
+def test_fit_prints_progress_summary_and_saves(data_files, tmp_path):
+    d, x = data_files
+    model, png = tmp_path / "m.npz", tmp_path / "fit.png"
+    out = run("fit", str(d / "header.csv"), "-k", "2", "--n-init", "2", "--out", str(model),
+              "--plot", str(png))
+    assert out.returncode == 0, out.stderr
+    progress = _progress(out.stdout)
+    n_iter = int(out.stdout.split("after ")[1].split(" iterations")[0])
+    for r in (0, 1):  # every restart reports every iteration, in order, never decreasing
+        mine = [(i, ll) for rr, i, ll in progress if rr == r]
+        assert [i for i, _ in mine] == list(range(1, len(mine) + 1))
+        assert all(b >= a - 1e-5 for (_, a), (_, b) in zip(mine, mine[1:], strict=False))
+    best = int(out.stdout.split("best restart ")[1].split(")")[0])
+    assert max(i for rr, i, _ in progress if rr == best) == n_iter
+    assert "BIC" in out.stdout and "model written to" in out.stdout
+    gm = __import__("jaxem").GaussianMixture.load(model)
+    assert gm.n_components == 2 and gm.n_iter_ == n_iter
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_reads_every_format_to_the_same_fit(data_files):
+    d, _ = data_files
+    summaries = []
+    for name, columns in [("header.csv", None), ("plain.csv", None), ("x.npz", None),
+                          ("wide.csv", "eruptions,1")]:
+        out = run("fit", str(d / name), "-k", "2", "--quiet",
+                  *(["--columns", columns] if columns else []))
+        assert out.returncode == 0, out.stderr
+        summaries.append(out.stdout.split("converged=")[1])
+    assert all(s == summaries[0] for s in summaries)
+
+
+def test_select_table_choice_plot_and_model(data_files, tmp_path):
+    d, x = data_files
+    png, model = tmp_path / "sel.png", tmp_path / "best.npz"
+    out = run("select", str(d / "x.npy"), "--k", "1:3", "--covariance-type", "full,diag",
+              "--plot", str(png), "--out", str(model))
+    assert out.returncode == 0, out.stderr
+    bic_block = out.stdout.split("BIC (lower is better; * = chosen)")[1].split("AIC")[0]
+    assert "AIC (lower is better)" in out.stdout
+    rows = [ln.split() for ln in bic_block.strip().splitlines()[1:]]
+    values = np.array([[float(v.rstrip("*")) for v in r[1:]] for r in rows])
+    i, j = np.unravel_index(np.argmin(values), values.shape)
+    assert rows[i][1 + j].endswith("*") and bic_block.count("*") == 1
+    cov_types = ["full", "diag"]
+    assert f"K={i + 1}, covariance_type='{cov_types[j]}'" in out.stdout
+    gm = __import__("jaxem").GaussianMixture.load(model)
+    assert (gm.n_components, gm.covariance_type) == (i + 1, cov_types[j])
+    assert gm.bic(x.astype(np.float32)) == pytest.approx(values[i, j], abs=0.1)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_predict_and_sample_from_a_saved_model(data_files, tmp_path):
+    import jaxem
+
+    d, x = data_files
+    model = tmp_path / "m.npz"
+    assert run("fit", str(d / "x.npy"), "-k", "3", "--quiet", "--out", str(model)).returncode == 0
+    gm = jaxem.GaussianMixture.load(model)
+    labels = run("predict", str(model), str(d / "header.csv"))
+    assert labels.returncode == 0, labels.stderr
+    printed = np.array([int(v) for v in labels.stdout.split()])
+    np.testing.assert_array_equal(printed, gm.predict(x.astype(np.float32)))
+    proba = tmp_path / "p.npy"
+    out = run("predict", str(model), str(d / "x.npy"), "--proba", "--out", str(proba))
+    assert out.returncode == 0, out.stderr
+    p = np.load(proba)
+    assert p.shape == (len(x), 3) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    samples = tmp_path / "s.csv"
+    out = run("sample", str(model), "-n", "500", "--labels", "--out", str(samples))
+    assert out.returncode == 0, out.stderr
+    s = np.loadtxt(samples, delimiter=",")
+    assert s.shape == (500, 3) and set(np.unique(s[:, 2])) <= {0.0, 1.0, 2.0}
+    # the samples come from the model: their mean is near the mixture mean
+    mixture_mean = gm.weights_ @ gm.means_
+    assert np.allclose(s[:, :2].mean(axis=0), mixture_mean, rtol=0.05)
+    again = run("sample", str(model), "-n", "5", "--seed", "3").stdout
+    assert again == run("sample", str(model), "-n", "5", "--seed", "3").stdout
+
+
+def test_every_subcommand_has_help():
+    for cmd in ("fit", "select", "predict", "sample", "demo"):
+        out = run(cmd, "--help")
+        assert out.returncode == 0 and "usage: jaxem " + cmd in out.stdout
+
+
+def test_errors_are_one_line_and_non_zero(data_files, tmp_path):
+    d, _ = data_files
+    (tmp_path / "nan.csv").write_text("1,2\n3,nan\n4,5\n")
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n3,x\n")
+    (tmp_path / "ragged.csv").write_text("1,2\n3\n")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    cases = [
+        (["fit", str(tmp_path / "absent.csv")], "no such data file"),
+        (["fit", str(tmp_path / "nan.csv")], "NaN or infinite"),
+        (["fit", str(tmp_path / "bad.csv")], "not a number"),
+        (["fit", str(tmp_path / "ragged.csv")], "fields, expected 2"),
+        (["fit", str(d / "x.npy"), "-k", "1000"], "larger than the number of samples"),
+        (["fit", str(d / "x.npy"), "--covariance-type", "weird"], "--covariance-type 'weird'"),
+        (["fit", str(d / "x.npy"), "--bogus"], "unrecognized arguments: --bogus"),
+        (["fit", str(d / "x.npy"), "-k", "two"], "invalid int value"),
+        (["fit", str(d / "header.csv"), "--columns", "nope"], "no column named 'nope'"),
+        (["select", str(d / "x.npy"), "--k", "0:3"], "every K must be >= 1"),
+        (["predict", str(tmp_path / "junk.npz"), str(d / "x.npy")], "not a readable"),
+        (["predict", str(tmp_path / "absent.npz"), str(d / "x.npy")], "no model file"),
+        (["sample", str(tmp_path / "junk.npz"), "-n", "0"], "must be >= 1"),
+    ]
+    for args, message in cases:
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr and message in out.stderr, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)

@@ -1,0 +1,191 @@
+"""Safe save/load of fitted Gaussian mixtures: ``.npz``, no pickle, validated on load.
+
+File layout (format version 1): arrays ``format`` (``"jaxem-gmm"``), ``format_version``,
+``covariance_type``, ``weights`` (K,), ``means`` (K, D), ``covariances`` and
+``precisions_cholesky`` (the shape of the covariance type), and optional scalars
+``converged``, ``n_iter``, ``lower_bound``. Strings are stored as NumPy unicode arrays, so
+:func:`load` reads with ``allow_pickle=False``. Writes go to a temporary file in the same
+folder renamed into place: a crash never leaves a half-written model under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from jaxem import gmm
+from jaxem._linalg import COVARIANCE_TYPES
+
+FORMAT = "jaxem-gmm"
+FORMAT_VERSION = 1
+_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be trusted: corrupt, truncated, tampered or of another kind."""
+
+
+def save(path, model) -> Path:
+    """Write a fitted model: :class:`jaxem.gmm.GMMParams` or a fitted
+    :class:`jaxem.GaussianMixture` (whose ``converged_``, ``n_iter_`` and ``lower_bound_``
+    are kept too).
+
+    Returns:
+      The path written (``.npz`` is appended when missing, as NumPy does).
+    """
+    info = {}
+    if hasattr(model, "params_"):
+        info = {"converged": np.bool_(model.converged_), "n_iter": np.int64(model.n_iter_),
+                "lower_bound": np.float64(model.lower_bound_)}
+        model = model.params_
+    elif type(model).__name__ == "GaussianMixture":
+        raise ValueError("the GaussianMixture is not fitted yet; call fit before save")
+    if not isinstance(model, gmm.GMMParams):
+        raise TypeError("model must be jaxem.gmm.GMMParams or a fitted jaxem.GaussianMixture, "
+                        f"got {type(model).__name__}")
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    arrays = {name: np.asarray(getattr(model, name)) for name in _ARRAYS}
+    arrays.update(format=np.array(FORMAT), format_version=np.array(FORMAT_VERSION),
+                  covariance_type=np.array(model.covariance_type), **info)
+    _check(arrays, str(path))  # never write what load would refuse
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from others
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path) -> gmm.GMMParams:
+    """Read and validate a model file; the parameters (see :func:`read` for the rest)."""
+    return read(path)[0]
+
+
+def read(path) -> tuple[gmm.GMMParams, dict]:
+    """Read and validate a model file.
+
+    Returns:
+      ``(params, info)``: the :class:`jaxem.gmm.GMMParams` and a dict of the optional scalars
+      present (``converged``, ``n_iter``, ``lower_bound``).
+
+    Raises:
+      FileNotFoundError: no such file.
+      ModelFileError: (a ``ValueError``) the file is not a valid jaxem model: not an npz,
+        truncated, of another format or version, missing or extra arrays, inconsistent
+        shapes, weights not summing to one, non-finite values, precisions not positive
+        definite, or precisions that do not match the covariances.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a readable .npz model file (not a zip archive)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+        raise ModelFileError(f"{path}: not a readable .npz model file ({e})") from None
+    _check(arrays, str(path))
+    params = gmm.GMMParams(*(arrays[name] for name in _ARRAYS),
+                           covariance_type=str(arrays["covariance_type"]))
+    info = {}
+    if "converged" in arrays:
+        info["converged"] = bool(arrays["converged"])
+    if "n_iter" in arrays:
+        info["n_iter"] = int(arrays["n_iter"])
+    if "lower_bound" in arrays:
+        info["lower_bound"] = float(arrays["lower_bound"])
+    return params, info
+
+
+def _check(arrays: dict, where: str) -> None:
+    def bad(msg):
+        raise ModelFileError(f"{where}: {msg}")
+
+    if "format" not in arrays or arrays["format"].shape != () or str(arrays["format"]) != FORMAT:
+        bad(f"not a jaxem model file (no format marker {FORMAT!r})")
+    version = arrays.get("format_version")
+    if version is None or version.shape != () or not np.issubdtype(version.dtype, np.integer):
+        bad("missing or malformed format_version")
+    if int(version) != FORMAT_VERSION:
+        bad(f"format version {int(version)} is not supported (this jaxem reads "
+            f"{FORMAT_VERSION})")
+    allowed = {*_ARRAYS, "format", "format_version", "covariance_type", "converged", "n_iter",
+               "lower_bound"}
+    missing = [n for n in (*_ARRAYS, "covariance_type") if n not in arrays]
+    if missing:
+        bad(f"missing array(s) {missing}")
+    extra = sorted(set(arrays) - allowed)
+    if extra:
+        bad(f"unexpected array(s) {extra}")
+    cov_type = str(arrays["covariance_type"])
+    if arrays["covariance_type"].shape != () or cov_type not in COVARIANCE_TYPES:
+        bad(f"unknown covariance_type {cov_type!r}")
+    for name in _ARRAYS:
+        a = arrays[name]
+        if a.dtype not in (np.float32, np.float64):
+            bad(f"{name} has dtype {a.dtype}, expected float32 or float64")
+        if not np.all(np.isfinite(a)):
+            bad(f"{name} contains NaN or infinite values")
+    w, means = arrays["weights"], arrays["means"]
+    if w.ndim != 1 or w.shape[0] < 1 or means.ndim != 2 or means.shape[0] != w.shape[0]:
+        bad(f"weights {w.shape} and means {means.shape} do not describe K components")
+    k, d = means.shape
+    expected = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[cov_type]
+    for name in ("covariances", "precisions_cholesky"):
+        if arrays[name].shape != expected:
+            bad(f"{name} has shape {arrays[name].shape}, expected {expected} for "
+                f"{cov_type!r} with K={k}, D={d}")
+    tol = 1e-4 if w.dtype == np.float32 else 1e-10
+    if np.any(w < 0) or abs(float(np.sum(w, dtype=np.float64)) - 1.0) > tol:
+        bad(f"weights must be non-negative and sum to 1 (sum {float(np.sum(w)):.8g})")
+    _check_precisions(arrays["covariances"], arrays["precisions_cholesky"], cov_type, d, bad)
+    for name, kind in (("converged", np.bool_), ("n_iter", np.integer),
+                       ("lower_bound", np.floating)):
+        if name in arrays and (arrays[name].shape != ()
+                               or not np.issubdtype(arrays[name].dtype, kind)):
+            bad(f"{name} must be a scalar of kind {kind.__name__}")
+
+
+def _check_precisions(cov, prec_chol, cov_type, d, bad) -> None:
+    """Precisions positive definite, and P Pᵀ Σ = I (they belong to these covariances)."""
+    cov64, p64 = np.asarray(cov, np.float64), np.asarray(prec_chol, np.float64)
+    if cov_type in ("diag", "spherical"):
+        if np.any(cov64 <= 0) or np.any(p64 <= 0):
+            bad("covariances and precisions must be positive")
+        product = cov64 * p64**2
+    else:
+        mats_c = cov64.reshape(-1, d, d)
+        mats_p = p64.reshape(-1, d, d)
+        if not np.allclose(mats_p, np.triu(mats_p)) or np.any(
+                np.diagonal(mats_p, axis1=1, axis2=2) <= 0):
+            bad("precisions_cholesky must be upper triangular with a positive diagonal "
+                "(positive-definite precisions)")
+        try:
+            np.linalg.cholesky(mats_c)
+        except np.linalg.LinAlgError:
+            bad("covariances are not positive definite")
+        product = np.einsum("kij,kjl,klm->kim", mats_p, np.swapaxes(mats_p, 1, 2), mats_c)
+    eps = float(np.finfo(cov.dtype).eps)
+    if cov_type in ("diag", "spherical"):
+        err, cond = np.abs(product - 1.0), 1.0
+    else:
+        err = np.abs(product - np.eye(d)).max(axis=(1, 2))
+        cond = np.linalg.cond(mats_c)
+    # Rounding in P Pᵀ Σ grows with the conditioning of Σ; a tampered value does not hide in it.
+    if np.any(err > 100 * d * eps * cond + 1e3 * eps):
+        bad("precisions_cholesky does not match covariances (P Pᵀ Σ ≠ I)")

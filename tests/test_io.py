@@ -1,0 +1,135 @@
+"""Save/load: round trips predict exactly; every kind of bad file is refused clearly."""
+
+import numpy as np
+import pytest
+from conftest import make_blobs
+from helpers import tree_allclose
+
+import jaxem
+from jaxem import io
+
+COV_TYPES = ["full", "tied", "diag", "spherical"]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    x = make_blobs(np.random.default_rng(0), n_per=60, k=3, d=3)
+    return x, {ct: jaxem.GaussianMixture(3, covariance_type=ct, random_state=0).fit(x)
+               for ct in COV_TYPES}
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_round_trip_predicts_exactly(tmp_path, fitted, cov_type):
+    x, models = fitted
+    gm = models[cov_type]
+    path = gm.save(tmp_path / "model")
+    assert path.name == "model.npz" and path.exists()
+    loaded = jaxem.GaussianMixture.load(path)
+    np.testing.assert_array_equal(loaded.predict(x), gm.predict(x))
+    np.testing.assert_array_equal(loaded.predict_proba(x), gm.predict_proba(x))
+    np.testing.assert_array_equal(loaded.score_samples(x), gm.score_samples(x))
+    for attr in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
+        np.testing.assert_array_equal(getattr(loaded, attr), getattr(gm, attr))
+    assert (loaded.converged_, loaded.n_iter_, loaded.lower_bound_) == (
+        gm.converged_, gm.n_iter_, gm.lower_bound_)
+    assert loaded.covariance_type == cov_type and loaded.n_components == 3
+    # the functional API reads the same file
+    assert tree_allclose(jaxem.load(path), gm.params_, rtol=0)
+    path2 = jaxem.save(tmp_path / "params.npz", gm.params_)
+    assert tree_allclose(jaxem.load(path2), gm.params_, rtol=0)
+
+
+def _arrays(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _tamper(tmp_path, source, name, change):
+    arrays = _arrays(source)
+    change(arrays)
+    out = tmp_path / f"bad_{name}.npz"
+    np.savez(out, **arrays)
+    return out
+
+
+def _set(key, value):
+    return lambda a: a.__setitem__(key, value)
+
+
+BAD = {
+    "format": (_set("format", np.array("something-else")), "not a jaxem model"),
+    "version": (_set("format_version", np.array(99)), "format version 99"),
+    "missing": (lambda a: a.pop("means"), "missing array"),
+    "extra": (_set("payload", np.zeros(3)), "unexpected array"),
+    "cov_type": (_set("covariance_type", np.array("banana")), "unknown covariance_type"),
+    "shape": (lambda a: a.__setitem__("means", a["means"][:, :2]), "shape"),
+    "weights": (lambda a: a.__setitem__("weights", a["weights"] * 1.5), "sum to 1"),
+    "nan": (lambda a: a["means"].__setitem__((0, 0), np.nan), "NaN"),
+    "dtype": (lambda a: a.__setitem__("weights", a["weights"].astype(np.int64)), "dtype"),
+    "not_pd": (lambda a: a["precisions_cholesky"].__setitem__((0, 0, 0), -1.0),
+               "positive diagonal"),
+    "mismatch": (lambda a: a.__setitem__("covariances", a["covariances"] * 1.05),
+                 "does not match"),
+    "scalar": (_set("n_iter", np.array([1, 2])), "n_iter must be a scalar"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_tampered_files_are_refused(tmp_path, fitted, kind):
+    _, models = fitted
+    good = models["full"].save(tmp_path / "good.npz")
+    change, message = BAD[kind]
+    bad = _tamper(tmp_path, good, kind, change)
+    with pytest.raises(jaxem.ModelFileError, match=message):
+        jaxem.load(bad)
+    assert isinstance(jaxem.ModelFileError("x"), ValueError)
+
+
+@pytest.mark.parametrize("cov_type", ["diag", "spherical"])
+def test_non_positive_variances_are_refused(tmp_path, fitted, cov_type):
+    good = fitted[1][cov_type].save(tmp_path / "good.npz")
+    bad = _tamper(tmp_path, good, "neg", lambda a: a["covariances"].__setitem__(0, -1.0))
+    with pytest.raises(jaxem.ModelFileError, match="positive"):
+        jaxem.load(bad)
+
+
+def test_unreadable_truncated_and_pickled_files(tmp_path, fitted):
+    good = fitted[1]["full"].save(tmp_path / "good.npz")
+    with pytest.raises(FileNotFoundError, match="no model file"):
+        jaxem.load(tmp_path / "absent.npz")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"this is not a zip file")
+    with pytest.raises(jaxem.ModelFileError, match="not a readable"):
+        jaxem.load(junk)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(jaxem.ModelFileError):
+        jaxem.load(truncated)
+    arrays = _arrays(good)
+    arrays["means"] = np.array([object()] * 3, dtype=object)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, **arrays)  # an object array: needs pickle to read
+    with pytest.raises(jaxem.ModelFileError, match="not a readable"):
+        jaxem.load(pickled)
+
+
+def test_a_crash_while_writing_leaves_the_old_file_intact(tmp_path, fitted, monkeypatch):
+    path = fitted[1]["full"].save(tmp_path / "model.npz")
+    before = path.read_bytes()
+
+    def crash(f, **arrays):
+        f.write(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io.np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fitted[1]["diag"].save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary left behind
+
+
+def test_save_refuses_what_it_cannot_write(tmp_path):
+    with pytest.raises(ValueError, match="not fitted"):
+        jaxem.GaussianMixture(2).save(tmp_path / "m.npz")
+    with pytest.raises(TypeError, match="GMMParams"):
+        jaxem.save(tmp_path / "m.npz", {"weights": [1.0]})
