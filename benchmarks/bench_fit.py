@@ -99,7 +99,7 @@ def time_jaxem(x, init, cov_type, iters, repeats, dtype, chunk_size, n_init=1):
         dynamic = (x, None, params, tol, hyper)
     else:
         key = jax.random.PRNGKey(0)
-        model = model.with_batch(n_init)  # as fit_restarts does
+        model = model.with_batch(n_init, em._RESTARTS)  # as fit_restarts does
         lowered = em._restarts_jit.lower(model, x, None, key, tol, iters, n_init, len(w),
                                          "random_from_data", {}, hyper)
         dynamic = (x, None, key, tol, {}, hyper)

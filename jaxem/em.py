@@ -6,7 +6,8 @@ The drivers know nothing about Gaussians. A *model* is any hashable object with
     m_step(stats, **hyper)     -> params
     init(key, x, n_components, *, weights, method, **hyper) -> params   (for fit_restarts)
     default_hyper() -> dict                            (optional: defaults of **hyper)
-    with_batch(n) -> model                             (optional: sized for n vmapped restarts)
+    with_batch(n, axis_name) -> model                  (optional: sized for n restarts vmapped
+                                                        over axis_name; may use collectives on it)
     check_hyper(**hyper)                               (optional: eager validation)
 
 Stopping rule (scikit-learn's): iteration ``i`` runs an E-step at the current parameters,
@@ -146,6 +147,7 @@ def _run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None,
 
 
 _DATA = "data"  # the mesh axis the samples are sharded over
+_RESTARTS = "restarts"  # the vmap axis of fit_restarts
 
 
 def _over_devices(fn, mesh: Mesh | None):
@@ -196,7 +198,8 @@ def _restarts_jit(model, x, weights, key, tol, max_iter, n_init, n_components, i
 
     def run(x, weights, params0, tol, hyper):
         return jax.vmap(
-            lambda p, r: _run(model, x, weights, p, tol, max_iter, hyper, axis, progress, r)
+            lambda p, r: _run(model, x, weights, p, tol, max_iter, hyper, axis, progress, r),
+            axis_name=_RESTARTS,
         )(params0, jnp.arange(n_init))
 
     runs = _over_devices(run, mesh)(x, weights, params0, tol, hyper)
@@ -381,7 +384,7 @@ def fit_restarts(
     _validation.check_int(n_components, "n_components", 1)
     _validation.check_int(n_init, "n_init", 1)
     if hasattr(model, "with_batch"):
-        model = model.with_batch(n_init)
+        model = model.with_batch(n_init, _RESTARTS)
     _validation.check_data(x, "x", min_samples=n_components)
     x = _as_float(x)
     dtype = x.dtype

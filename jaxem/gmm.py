@@ -140,8 +140,9 @@ def _whitened_sq_t(params: GMMParams, xt: jax.Array, m: jax.Array) -> jax.Array:
       m: (K, D) centred means ``μ_k − c``.
 
     ``full`` whitens each sample for all K components in one product (O(1) entries, no
-    cancellation). The cheaper types expand the square into three small products; in the
-    centred coordinates their rounding is ~eps·(separation in standard deviations)².
+    cancellation). ``tied`` expands the square into three small products; in the centred
+    coordinates its rounding is ~eps·(separation in standard deviations)². (diag and
+    spherical: :func:`_diag_log_joint`.)
     """
     cov_type = params.covariance_type
     pc = params.precisions_cholesky
@@ -153,14 +154,10 @@ def _whitened_sq_t(params: GMMParams, xt: jax.Array, m: jax.Array) -> jax.Array:
         b = jnp.einsum("kd,kde->ke", m, pc, precision=PRECISION).reshape(k * d, 1)
         y = (mm(p_all_t, xt) - b).reshape(k, d, -1)  # (K, D, C)
         sq = jnp.sum(y * y, axis=1)
-    elif cov_type == "tied":
+    else:
         y = mm(pc.T, xt)  # (D, C): whitened once, shared by all components
         b = mm(m, pc)  # (K, D)
         sq = jnp.sum(y * y, axis=0)[None] - 2.0 * mm(b, y) + jnp.sum(b * b, axis=1)[:, None]
-    else:
-        p2 = pc**2 if cov_type == "diag" else jnp.broadcast_to(pc[:, None] ** 2, (k, d))
-        sq = (mm(p2, xt * xt) - 2.0 * mm(p2 * m, xt)
-              + jnp.sum(p2 * m * m, axis=1)[:, None])
     return jnp.maximum(sq, 0.0)  # rounding can push a tiny distance below zero
 
 
@@ -173,9 +170,35 @@ def _log_joint_t(params: GMMParams, xt: jax.Array, m: jax.Array) -> jax.Array:
     return -0.5 * (d * _LOG_2PI + sq) + (log_det + jnp.log(params.weights))[:, None]
 
 
+def _diag_log_joint(params: GMMParams, xc: jax.Array, m: jax.Array):
+    """diag/spherical log-joint of one block as one product, samples first.
+
+    Args:
+      params: mixture parameters (diag or spherical).
+      xc: (C, D) samples minus the centre c.
+      m: (K, D) means minus c.
+
+    Returns:
+      ``(log_joint, z)``: the (C, K) log-joint ``z @ B + b`` with ``z = [(x−c)², x−c]``
+      (C, 2D) and ``B = [−½ P², P² m]ᵀ``; ``z`` also gives the product-form moments
+      ``rᵀ z``. Rounding is ~eps·(distance from c in standard deviations)².
+    """
+    k, d = m.shape
+    pc = params.precisions_cholesky
+    p2 = pc**2 if params.covariance_type == "diag" else jnp.broadcast_to(pc[:, None] ** 2, (k, d))
+    z = jnp.concatenate([xc * xc, xc], axis=1)
+    b = jnp.concatenate([-0.5 * p2, p2 * m], axis=1).T  # (2D, K)
+    log_det = log_det_precision_cholesky(pc, params.covariance_type, d)
+    const = log_det + jnp.log(params.weights) - 0.5 * (d * _LOG_2PI + jnp.sum(p2 * m * m, axis=1))
+    return jnp.matmul(z, b, precision=PRECISION) + const[None], z
+
+
 def _log_joint_block(params: GMMParams, x: jax.Array) -> jax.Array:
     c = _center(params)
-    return _log_joint_t(params, (x - c[None]).T, params.means - c[None]).T
+    xc, m = x - c[None], params.means - c[None]
+    if params.covariance_type in ("diag", "spherical"):
+        return _diag_log_joint(params, xc, m)[0]
+    return _log_joint_t(params, xc.T, m).T
 
 
 def log_joint(params: GMMParams, x: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
@@ -204,21 +227,35 @@ def log_joint(params: GMMParams, x: jax.Array, *, chunk_size: int | None = None)
     return out.reshape(n_chunks * chunk_size, -1)[:n]
 
 
-def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array):
+def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None):
     """One block of the E-step: moments about the current means, and Σ w log p(x_n).
 
-    Laid out samples-last ((K, C), (K·D, C)) so that the heavy steps are single large
-    matrix products (see :func:`_whitened_sq_t` and :func:`_moments_t`).
+    full/tied are laid out samples-last ((K, C), (K·D, C)) so that the heavy steps are
+    single large matrix products (see :func:`_whitened_sq_t` and :func:`_moments_t`);
+    diag/spherical samples-first around one (C, 2D) array (:func:`_diag_log_joint`). With
+    ``exact`` ((R,) component indices; diag/spherical only) the moments are taken as
+    products about the mixture centre, and centred on the means for those R components
+    only (see :func:`_product_moments`).
     """
     cov_type = params.covariance_type
     c = _center(params)
     xc = x - c[None]  # (C, D)
-    xt = xc.T
     m = params.means - c[None]  # (K, D)
-    log_prob = _log_joint_t(params, xt, m)  # (K, C)
-    log_norm = jax.nn.logsumexp(log_prob, axis=0)  # (C,)
-    wr = w[None, :] * jnp.exp(log_prob - log_norm[None, :])  # (K, C)
-    moments = _moments_t(xc, wr, m, cov_type)
+    if cov_type in ("diag", "spherical"):
+        log_prob, z = _diag_log_joint(params, xc, m)  # (C, K), (C, 2D)
+        log_norm = jax.nn.logsumexp(log_prob, axis=1)  # (C,)
+        wr = (w[:, None] * jnp.exp(log_prob - log_norm[:, None])).T  # (K, C)
+    else:
+        log_prob = _log_joint_t(params, xc.T, m)  # (K, C)
+        log_norm = jax.nn.logsumexp(log_prob, axis=0)  # (C,)
+        wr = w[None, :] * jnp.exp(log_prob - log_norm[None, :])  # (K, C)
+    if exact is None:
+        moments = _moments_t(xc, wr, m, cov_type)
+    else:
+        d = xc.shape[1]
+        s = jnp.matmul(wr, z, precision=PRECISION)  # (K, 2D): Σ w r (x−c)², Σ w r (x−c)
+        moments = (jnp.sum(wr, axis=1), s[:, d:], s[:, :d],
+                   *_diag_moments(xc, wr[exact], m[exact]))
     # Weight-zero rows (padding, overlap) add exactly zero, even if their density overflowed;
     # where it did not, d total / d w_n = log p(x_n) still holds at w_n = 0.
     total = jnp.sum(w * jnp.where((w > 0) | jnp.isfinite(log_norm), log_norm, 0.0))
@@ -245,6 +282,8 @@ def _moments_t(xc: jax.Array, wr: jax.Array, m: jax.Array, cov_type: str):
     mm = functools.partial(jnp.matmul, precision=PRECISION)
     xt = xc.T
     nk = jnp.sum(wr, axis=1)
+    if cov_type in ("diag", "spherical"):
+        return (nk, *_diag_moments(xc, wr, m))
     diff_t = xt[None] - m[:, :, None]  # (K, D, C) x − μ_k
     if cov_type == "full":
         a_t = (wr[:, None, :] * diff_t).reshape(k * d, -1)
@@ -261,17 +300,30 @@ def _moments_t(xc: jax.Array, wr: jax.Array, m: jax.Array, cov_type: str):
         resid = jnp.sum(a_t, axis=0)  # (D, C)
         sum_xx = mm(resid, xc) - mm(sum_x.T, m)
         sum_xx = 0.5 * (sum_xx + sum_xx.T)
-    else:
-        sum_x = jnp.einsum("kc,kdc->kd", wr, diff_t, precision=PRECISION)
-        sum_xx = jnp.einsum("kc,kdc->kd", wr, diff_t * diff_t, precision=PRECISION)
     return nk, sum_x, sum_xx
 
 
+def _diag_moments(xc: jax.Array, wr: jax.Array, m: jax.Array):
+    """``Σ w r (x − μ_k)`` and ``Σ w r (x − μ_k)²`` (both (K, D)), one component at a time.
+
+    Two vector–matrix products per component over a (C, D) residual that stays in cache:
+    ~3× faster on the CPU than one contraction over a (K, D, C) array.
+    """
+    def one(args):
+        wr_k, m_k = args
+        d = xc - m_k[None]
+        return (jnp.matmul(wr_k, d, precision=PRECISION),
+                jnp.matmul(wr_k, d * d, precision=PRECISION))
+
+    return jax.lax.map(one, (wr, m))
+
+
 # Bytes of the E-step's per-block temporaries. ``full`` spends its block on matrix products,
-# which like 512-1024 rows at K = D = 32; the other types make elementwise passes over a
-# (K, D, rows) array, which must stay in cache. Measured on a 2-core x86 CPU (see
-# benchmarks/README.md): the tuned sizes run 1.5-4x faster than 16k-row blocks.
-CHUNK_BUDGET_BYTES = {"full": 8 * 2**20, "tied": 2**20, "diag": 2**20, "spherical": 2**20}
+# which like 512-1024 rows at K = D = 32; ``tied`` makes elementwise passes over a
+# (K, D, rows) array, which must stay in cache; diag/spherical hold a few (K, rows) and
+# (D, rows) arrays and like 2-8k rows at K = D = 64. Measured on a 2-core x86 CPU (see
+# benchmarks/README.md).
+CHUNK_BUDGET_BYTES = {"full": 8 * 2**20, "tied": 2**20, "diag": 4 * 2**20, "spherical": 4 * 2**20}
 
 
 def auto_chunk_size(
@@ -283,8 +335,9 @@ def auto_chunk_size(
     ``batch`` parameter sets processed together (vmapped restarts) share the budget.
     """
     itemsize = np.dtype(dtype).itemsize
-    arrays = 3 if covariance_type == "full" else 1
-    per_row = batch * arrays * n_components * n_features * itemsize
+    k, d = n_components, n_features
+    per_row = {"full": 3 * k * d, "tied": k * d}.get(covariance_type, 3 * k + 2 * d)
+    per_row = batch * per_row * itemsize
     budget = CHUNK_BUDGET_BYTES[covariance_type]
     return int(max(128, min(n_samples, budget // per_row)))
 
@@ -322,6 +375,8 @@ def e_step(
     chunk_size: int | None = None,
     axis_name: str | None = None,
     batch: int = 1,
+    batch_axis: str | None = None,
+    moments: str = "auto",
 ) -> tuple[GMMStats, jax.Array]:
     """E-step: responsibilities, reduced at once to expected sufficient statistics.
 
@@ -336,11 +391,19 @@ def e_step(
         statistics over (data parallelism); the result is then the same on every device.
       batch: number of parameter sets vmapped together (restarts); the automatic block
         size shrinks accordingly so the temporaries stay in cache.
+      batch_axis: inside ``vmap(..., axis_name=batch_axis)`` over parameter sets, the axis
+        over which they agree on the path for the moments (one branch runs, not both).
+      moments: ``"auto"`` (default): diag/spherical take their second moments as matrix
+        products about the mixture centre and fall back, for that iteration, to moments
+        centred on each mean when the product's rounding would exceed
+        :data:`PRODUCT_MOMENTS_RTOL` of a variance; ``"centred"``: always centred (static).
 
     Returns:
       ``(stats, log_likelihood)``: the statistics summed over samples, and the weighted mean
       of ``log p(x_n)``, ``Σ w_n log p(x_n) / Σ w_n``.
     """
+    if moments not in ("auto", "centred"):
+        raise ValueError(f"moments must be 'auto' or 'centred', got {moments!r}")
     dtype = params.means.dtype
     x = jnp.asarray(x, dtype)
     n = x.shape[0]
@@ -349,19 +412,83 @@ def e_step(
         chunk_size = auto_chunk_size(
             n, params.n_components, params.n_features, dtype, params.covariance_type, batch
         )
+    # One compiled program, also when called eagerly (tests, notebooks): no op-by-op dispatch
+    # of the block loop and the fallback branch. Inside a trace the jit is simply inlined.
+    return _e_step(params, x, w, chunk_size, axis_name, batch_axis, moments)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _e_step(params, x, w, chunk_size, axis_name, batch_axis, moments):
     # Under reverse-mode differentiation a block is recomputed rather than its O(C·K·D)
     # temporaries stored: a gradient through a fit keeps O(K·D²) per block, not O(N·K·D).
-    block = jax.checkpoint(_e_step_block)
-    (nk, sum_x, sum_xx), total = _blockwise_sum(
-        lambda xs, ws: block(params, xs, ws), x, w, chunk_size
-    )
+    def sweep(exact=None):
+        block = jax.checkpoint(functools.partial(_e_step_block, exact=exact))
+        sums = _blockwise_sum(lambda xs, ws: block(params, xs, ws), x, w, chunk_size)
+        return sums if axis_name is None else jax.lax.psum(sums, axis_name)
+
+    if params.covariance_type in ("diag", "spherical") and moments == "auto":
+        exact = _likely_ill_conditioned(params)
+        (nk, sum_x, sum_xx), total, ok = _product_moments(params, exact, *sweep(exact))
+        if batch_axis is not None:  # vmapped restarts agree, so only one branch runs
+            ok = jax.lax.pmin(ok.astype(jnp.int32), batch_axis) > 0
+        (nk, sum_x, sum_xx), total = jax.lax.cond(
+            ok, lambda: ((nk, sum_x, sum_xx), total), lambda: sweep()
+        )
+    else:
+        (nk, sum_x, sum_xx), total = sweep()
     w_sum = jnp.sum(w)
     if axis_name is not None:
-        nk, sum_x, sum_xx, total, w_sum = jax.lax.psum(
-            (nk, sum_x, sum_xx, total, w_sum), axis_name
-        )
+        w_sum = jax.lax.psum(w_sum, axis_name)
     stats = GMMStats(nk, sum_x, sum_xx, params.means, params.covariance_type)
     return stats, total / w_sum
+
+
+# Relative rounding accepted from the product form of the diag/spherical second moments.
+PRODUCT_MOMENTS_RTOL = 1e-4
+
+
+def _likely_ill_conditioned(params: GMMParams) -> jax.Array:
+    """Indices of the ⌈K/8⌉ components whose product-form moments would round worst.
+
+    The rounding of ``Σ r (x−c)²`` relative to a component's variance grows like
+    ``((μ−c)² + σ²)/σ²``; judged on the current parameters and weighted towards small
+    components (a far component, one on a few points, one about to collapse).
+    """
+    k = params.n_components
+    var = jnp.broadcast_to(
+        params.covariances if params.covariance_type == "diag" else params.covariances[:, None],
+        params.means.shape,
+    )
+    m = params.means - _center(params)[None]
+    ratio = 1.0 + jnp.max(m * m / var, axis=1)
+    # Small components come first too: their variances move most from one step to the next.
+    _, idx = jax.lax.top_k(ratio / (k * params.weights), -(-k // 8))
+    return idx
+
+
+def _product_moments(params: GMMParams, exact, moments, total):
+    """Diag/spherical moments about the mixture centre c, moved to the current means.
+
+    ``Σ r (x−μ)² = Σ r (x−c)² − 2 m Σ r (x−c) + nk m²`` (m = μ − c) needs two matrix
+    products per block instead of an elementwise pass over a (K, D, block) array — about 3×
+    faster — but rounds to ~eps·Σ r (x−c)², which swamps a variance that is small next to
+    the component's distance from c (a component on a few points, or collapsing). The
+    ``exact`` components were also taken centred on their means in the same sweep, and
+    their rows are replaced. Returns the moments, the total, and whether every other
+    component kept its rounding below :data:`PRODUCT_MOMENTS_RTOL` of its new centred second
+    moment; if not, the caller redoes the sweep centred on every mean.
+    """
+    nk, s1, s2, sum_x_r, sum_xx_r = moments
+    m = params.means - _center(params)[None]
+    sum_x = s1 - nk[:, None] * m
+    sum_xx = s2 - 2.0 * m * s1 + nk[:, None] * m * m
+    eps = jnp.finfo(s2.dtype).eps
+    centred = sum_xx - sum_x**2 / (nk + 10 * eps)[:, None]  # ≈ nk · new variance
+    # Empty components get reg_covar whatever this gives; the exact ones are right anyway.
+    checked = (nk > 10 * eps * jnp.sum(nk)).at[exact].set(False)
+    risky = checked[:, None] & (eps * s2 > PRODUCT_MOMENTS_RTOL * centred)
+    sum_x, sum_xx = sum_x.at[exact].set(sum_x_r), sum_xx.at[exact].set(sum_xx_r)
+    return (nk, sum_x, sum_xx), total, ~jnp.any(risky)
 
 
 def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
@@ -395,7 +522,9 @@ def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams
         cov = (stats.sum_xx - outer) / jnp.sum(nk_eps)
         cov = cov + reg_covar * jnp.eye(cov.shape[-1], dtype=dtype)
     else:
-        var = (stats.sum_xx - c[:, None] * delta**2) / nk_eps[:, None] + reg_covar
+        # Rounding (of the product-form moments in particular) cannot make a variance < 0.
+        var = jnp.maximum(stats.sum_xx - c[:, None] * delta**2, 0.0) / nk_eps[:, None]
+        var = var + reg_covar
         cov = var if cov_type == "diag" else jnp.mean(var, axis=1)
     cov = cov.astype(dtype)
     weights = nk_eps / jnp.sum(nk_eps)
@@ -553,20 +682,27 @@ class GaussianMixtureModel:
       covariance_type: ``full``, ``tied``, ``diag`` or ``spherical``.
       chunk_size: E-step block size (see :func:`e_step`); None picks it automatically.
       batch: parameter sets vmapped together (set by :meth:`with_batch`).
+      batch_axis: the vmap axis name of those sets (set by :meth:`with_batch`).
+      moments: ``"auto"`` or ``"centred"``: how diag/spherical take second moments (see
+        :func:`e_step`).
     """
 
     covariance_type: str = "full"
     chunk_size: int | None = None
     batch: int = 1
+    batch_axis: str | None = None
+    moments: str = "auto"
 
     def __post_init__(self):
         _validation.check_covariance_type(self.covariance_type)
         if self.chunk_size is not None:
             _validation.check_int(self.chunk_size, "chunk_size", 1)
+        if self.moments not in ("auto", "centred"):
+            raise ValueError(f"moments must be 'auto' or 'centred', got {self.moments!r}")
 
-    def with_batch(self, n: int) -> GaussianMixtureModel:
-        """This model sized for ``n`` vmapped parameter sets (called by ``fit_restarts``)."""
-        return dataclasses.replace(self, batch=n)
+    def with_batch(self, n: int, axis_name: str | None = None) -> GaussianMixtureModel:
+        """This model sized for ``n`` parameter sets vmapped over ``axis_name`` (restarts)."""
+        return dataclasses.replace(self, batch=n, batch_axis=axis_name)
 
     def default_hyper(self) -> dict:
         """Default M-step hyperparameters (the drivers fill these in)."""
@@ -584,7 +720,7 @@ class GaussianMixtureModel:
     def e_step(self, params: GMMParams, x: jax.Array, weights: jax.Array | None = None,
                axis_name: str | None = None):
         return e_step(params, x, weights, chunk_size=self.chunk_size, axis_name=axis_name,
-                      batch=self.batch)
+                      batch=self.batch, batch_axis=self.batch_axis, moments=self.moments)
 
     def m_step(self, stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
         return m_step(stats, reg_covar)

@@ -156,6 +156,67 @@ def test_float32_accurate_with_large_offset(rng, cov_type):
     assert abs(float(ll32_next) - ll64_next) < 1e-4 * abs(ll64_next) + 1e-3
 
 
+def _diag_problem(rng, k, offset, sep, n_dup, cov_type, n=400, d=3):
+    """float32 blobs (plus, optionally, a far component on duplicate points) and params."""
+    centers = rng.normal(size=(k, d)) * sep + offset
+    x = centers[rng.integers(0, k, n)] + rng.normal(size=(n, d))
+    means = centers + 0.3
+    if n_dup:  # the last component sits on n_dup copies of one far point
+        x[:n_dup] = offset + 3 * sep + 1.0
+        means[-1] = x[0] + 0.1
+    cov = np.ones((k, d)) if cov_type == "diag" else np.ones(k)
+    params = gmm.make_params(np.full(k, 1 / k, np.float32), means.astype(np.float32),
+                             cov.astype(np.float32), cov_type)
+    return x.astype(np.float32), params
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 50.0, 1e4]),
+       sep=st.floats(0.5, 300.0), n_dup=st.integers(0, 4), k=st.sampled_from([2, 5, 16]),
+       cov_type=st.sampled_from(["diag", "spherical"]))
+def test_product_moments_agree_with_centred_moments(seed, offset, sep, n_dup, k, cov_type):
+    # diag/spherical take second moments as matrix products about the mixture centre unless
+    # that would round a variance by more than PRODUCT_MOMENTS_RTOL; either way the M-step
+    # must match the moments centred on each mean. A component on duplicate points has true
+    # variance 0, so it must come out as reg_covar to ~1e-9: the product form alone would
+    # be off by ~eps·distance². (Few distinct K: each shape is a compilation.)
+    x, params = _diag_problem(np.random.default_rng(seed), k, offset, sep, n_dup, cov_type)
+    stats_a, ll_a = gmm.e_step(params, x, chunk_size=64)
+    stats_c, ll_c = gmm.e_step(params, x, chunk_size=64, moments="centred")
+    assert float(ll_a) == float(ll_c)  # same E-step densities either way
+    auto, centred = gmm.m_step(stats_a, 1e-6), gmm.m_step(stats_c, 1e-6)
+    np.testing.assert_array_equal(auto.weights, centred.weights)
+    np.testing.assert_allclose(auto.means, centred.means, rtol=1e-6, atol=1e-6 * sep)
+    np.testing.assert_allclose(auto.covariances, centred.covariances, rtol=1e-3)
+
+
+def test_product_moments_check_trips_only_when_needed(rng):
+    # Benign float32 data: the product form passes its check (the fast path runs). Three far
+    # components collapsing on duplicates while only ceil(16/8) = 2 are taken exactly: the
+    # check must trip, and the E-step then returns the centred moments.
+    x, params = _diag_problem(rng, 16, 1e4, 3.0, 0, "diag", n=2000)
+    exact = gmm._likely_ill_conditioned(params)
+    sums = gmm._blockwise_sum(
+        lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x, np.ones(2000), 256)
+    assert bool(gmm._product_moments(params, exact, *sums)[2])
+
+    x, params = _diag_problem(rng, 16, 0.0, 100.0, 0, "diag", n=2000)
+    means = np.asarray(params.means).copy()
+    for j, k in enumerate([3, 7, 11]):  # components 3, 7, 11 each own 5 copies of a point
+        x[5 * j: 5 * j + 5] = 400.0 * (j + 1)
+        means[k] = 400.0 * (j + 1) + 0.01
+    params = gmm.make_params(params.weights, means, params.covariances, "diag")
+    exact = gmm._likely_ill_conditioned(params)
+    sums = gmm._blockwise_sum(
+        lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x, np.ones(2000), 256)
+    assert not bool(gmm._product_moments(params, exact, *sums)[2])
+    auto, _ = gmm.e_step(params, x)
+    centred, _ = gmm.e_step(params, x, moments="centred")
+    assert tree_allclose(auto, centred, rtol=0.0)
+    var = np.asarray(gmm.m_step(auto, 1e-6).covariances)[[3, 7, 11]]
+    np.testing.assert_allclose(var, 1e-6, rtol=1e-3)
+
+
 @pytest.mark.parametrize("cov_type", COV_TYPES)
 def test_empty_component_stays_finite(x64, rng, cov_type):
     x = rng.normal(size=(50, 2))
@@ -232,12 +293,16 @@ def test_make_params_rejects_bad_input(kwargs, match):
         gmm.make_params(**args)
 
 
-def test_model_is_hashable_and_validates():
+def test_model_is_hashable_and_validates(rng):
     assert hash(gmm.GaussianMixtureModel("diag")) == hash(gmm.GaussianMixtureModel("diag"))
     with pytest.raises(ValueError, match="covariance_type"):
         gmm.GaussianMixtureModel("banana")
     with pytest.raises(ValueError, match="chunk_size"):
         gmm.GaussianMixtureModel("full", chunk_size=0)
+    with pytest.raises(ValueError, match="moments"):
+        gmm.GaussianMixtureModel("diag", moments="fast")
+    with pytest.raises(ValueError, match="moments"):
+        gmm.e_step(random_params(rng, 2, 2, "diag"), np.zeros((4, 2)), moments="product")
 
 
 def test_n_parameters_matches_sklearn_formula(rng):
