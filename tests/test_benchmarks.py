@@ -35,3 +35,18 @@ def test_bench_grad_smoke():
     assert out.returncode == 0, out.stderr
     for name in ("forward fit", "implicit", "unrolled, checkpoint=True", "envelope"):
         assert name in out.stdout
+
+
+def test_bench_grid_smoke():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_grid.py"), "--smoke",
+         "--peers", "sklearn64"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| covariance, D, K | jaxem f32 s/iter | sklearn f64 |")
+    # full and diag × D=3 × K∈{2,3}, one cell each per column of the header
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [
+        "full, 3, 2", "full, 3, 3", "diag, 3, 2", "diag, 3, 3"]
+    assert all(r.count("|") == rows[0].count("|") for r in rows)

@@ -1,0 +1,92 @@
+"""The results grid: every covariance type × D × K at one N, jaxem against its peers.
+
+    python benchmarks/bench_grid.py --n 100000
+    python benchmarks/bench_grid.py --n 1000000 --peers sklearn64 --iters 2
+    python benchmarks/bench_grid.py --smoke          # tiny grid, used by the test suite
+
+Each cell is timed exactly as ``bench_fit.py`` times it (same data generator, same initial
+parameters for every method, fixed iteration count, compile apart, same process). Prints one
+Markdown table row per configuration: jaxem float32 seconds per iteration and compile time,
+each peer's seconds per iteration, jaxem's effective GFLOP/s and % of this machine's float32
+matmul roof, and the speed-up over each peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import os
+import platform
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_fit  # noqa: E402  (the timing functions live there)
+
+PEERS = {
+    "sklearn64": ("sklearn f64", "sklearn", lambda x, i, c, it, r: bench_fit.time_sklearn(
+        x, i, c, it, r, np.float64)),
+    "sklearn32": ("sklearn f32", "sklearn", lambda x, i, c, it, r: bench_fit.time_sklearn(
+        x, i, c, it, r, np.float32)),
+    "gmmx": ("gmmx f32", "gmmx", lambda x, i, c, it, r: bench_fit.time_gmmx(
+        x, i, c, it, r, np.float32)),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--d", default="8,32,64", help="comma list of D")
+    p.add_argument("--k", default="8,32,64", help="comma list of K")
+    p.add_argument("--covariance", default="full,tied,diag,spherical")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--peers", default="sklearn64,sklearn32,gmmx",
+                   help="comma list from " + ", ".join(PEERS) + " ('' for none)")
+    p.add_argument("--smoke", action="store_true", help="tiny grid (test suite)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.n, a.d, a.k, a.covariance, a.iters = 500, "3", "2,3", "full,diag", 2
+    ds, ks = [int(v) for v in a.d.split(",")], [int(v) for v in a.k.split(",")]
+    cov_types = a.covariance.split(",")
+    for ct in cov_types:
+        if ct not in ("full", "tied", "diag", "spherical"):
+            p.error(f"--covariance: unknown covariance type {ct!r}")
+    peers = []
+    for name in (s for s in a.peers.split(",") if s):
+        if name not in PEERS:
+            p.error(f"--peers: unknown peer {name!r}")
+        if importlib.util.find_spec(PEERS[name][1]):
+            peers.append(name)
+        else:
+            print(f"(peer {name} not installed: skipped)")
+
+    roof = bench_fit.matmul_roof(512 if a.smoke else 2048)
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on "
+          f"{jax.devices()[0].platform}; float32 matmul roof {roof:.1f} GFLOP/s; N={a.n}, "
+          f"{a.iters} iterations, best of {a.repeats}\n")
+    labels = [PEERS[s][0] for s in peers]
+    print("| covariance, D, K | jaxem f32 s/iter | " + "".join(f"{lab} | " for lab in labels)
+          + "GFLOP/s (% roof) | speed-up vs " + " / ".join(labels or ["-"]) + " | compile s |")
+    print("|" + " --- |" * (5 + len(labels)))
+    for ct, d, k in itertools.product(cov_types, ds, ks):
+        x = bench_fit.make_data(a.n, d, k)
+        init = bench_fit.initial_params(x, k, ct)
+        comp, s = bench_fit.time_jaxem(x, init, ct, a.iters, a.repeats, np.float32, None)
+        times = []
+        for name in peers:
+            r = PEERS[name][2](x, init, ct, a.iters, a.repeats)
+            times.append(None if r is None else r[1])
+        gf = bench_fit.flops_per_iter(a.n, d, k, ct) / s / 1e9
+        cells = "".join("– | " if t is None else f"{t:.3g} | " for t in times)
+        ups = " / ".join("–" if t is None else f"{t / s:.1f}×" for t in times) or "–"
+        print(f"| {ct}, {d}, {k} | {s:.3g} | {cells}{gf:.1f} ({100 * gf / roof:.0f}%) | {ups} "
+              f"| {comp:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
