@@ -337,8 +337,13 @@ def auto_chunk_size(
     """
     itemsize = np.dtype(dtype).itemsize
     k, d = n_components, n_features
-    per_row = {"full": 3 * k * d, "tied": k * d}.get(covariance_type, 3 * k + 2 * d)
-    per_row = batch * per_row * itemsize
+    if covariance_type in ("diag", "spherical"):
+        # (rows, K) log-joint and responsibilities per set; the (rows, 2D) features of the
+        # block are shared by the sets (one centre, see _shared_center).
+        per_row = batch * 3 * k + 2 * d
+    else:
+        per_row = batch * {"full": 3 * k * d, "tied": k * d}[covariance_type]
+    per_row = per_row * itemsize
     budget = CHUNK_BUDGET_BYTES[covariance_type]
     return int(max(128, min(n_samples, budget // per_row)))
 
