@@ -201,6 +201,10 @@ def _log_joint_block(params: GMMParams, x: jax.Array) -> jax.Array:
     return _log_joint_t(params, xc.T, m).T
 
 
+# The public functions below are jitted: called eagerly (the estimator's predict, notebooks)
+# they are one compiled program each, cached across calls, rather than ops dispatched one by
+# one and loops traced again on every call. Inside a caller's jit/vmap/grad they are inlined.
+@functools.partial(jax.jit, static_argnames="chunk_size")
 def log_joint(params: GMMParams, x: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
     """``log π_k + log N(x_n | μ_k, Σ_k)`` for every sample and component.
 
@@ -518,6 +522,7 @@ def _product_moments(params: GMMParams, exact, moments, total, c=None):
     return (nk, sum_x, sum_xx), total, ~jnp.any(risky)
 
 
+@jax.jit
 def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
     """M-step: the parameters maximising the expected complete-data log-likelihood.
 
@@ -558,12 +563,14 @@ def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams
     return GMMParams(weights, means, cov, precision_cholesky(cov, cov_type), cov_type)
 
 
+@jax.jit
 def posterior(params: GMMParams, x: jax.Array) -> jax.Array:
     """(N, K) log responsibilities ``log p(z_n = k | x_n)``."""
     lj = log_joint(params, x)
     return lj - jax.nn.logsumexp(lj, axis=1, keepdims=True)
 
 
+@jax.jit
 def score_samples(params: GMMParams, x: jax.Array) -> jax.Array:
     """(N,) log densities ``log p(x_n)``."""
     return jax.nn.logsumexp(log_joint(params, x), axis=1)
@@ -636,6 +643,13 @@ def init(
     """
     _validation.check_covariance_type(covariance_type)
     _validation.check_init_method(method)
+    return _init(key, x, n_components, covariance_type, method, weights, reg_covar,
+                 weights_init, means_init, precisions_init)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _init(key, x, n_components, covariance_type, method, weights, reg_covar, weights_init,
+          means_init, precisions_init):
     x = jnp.asarray(x)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
     x = x.astype(dtype)
@@ -669,6 +683,7 @@ def init(
     return params
 
 
+@functools.partial(jax.jit, static_argnames="n_samples")
 def sample(key: jax.Array, params: GMMParams, n_samples: int) -> tuple[jax.Array, jax.Array]:
     """Draw samples from the mixture.
 

@@ -6,6 +6,7 @@ Per-sample weights are supported throughout.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -61,6 +62,7 @@ def _plusplus(key, xc, x_sq, w, n_clusters: int, n_local_trials: int):
     return centers
 
 
+@jax.jit
 def nearest_center(x: jax.Array, centers: jax.Array) -> jax.Array:
     """(N,) index of the nearest of ``centers`` (K, D) for each row of ``x`` (N, D)."""
     offset = jnp.mean(centers, axis=0)
@@ -73,6 +75,10 @@ def _default_trials(n_clusters: int) -> int:
     return 2 + int(np.log(n_clusters))
 
 
+# The public functions are jitted: called eagerly, their loops would otherwise be traced and
+# compiled again on every call (a fresh closure each time), and every other op dispatched
+# one by one. Inside a caller's jit/vmap they are simply inlined.
+@functools.partial(jax.jit, static_argnames="n_clusters")
 def kmeans_plusplus(
     key: jax.Array, x: jax.Array, n_clusters: int, weights: jax.Array | None = None
 ) -> jax.Array:
@@ -92,6 +98,7 @@ def kmeans_plusplus(
     return _plusplus(key, xc, x_sq, w, n_clusters, _default_trials(n_clusters)) + offset
 
 
+@functools.partial(jax.jit, static_argnames="n_clusters")
 def kmeans(
     key: jax.Array,
     x: jax.Array,

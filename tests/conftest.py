@@ -1,9 +1,27 @@
-"""Fixtures: float64 mode, seeds and data generators."""
+"""Fixtures: float64 mode, seeds and data generators; one XLA compilation cache per run."""
+
+import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 from helpers import enable_x64
+
+
+def pytest_configure(config):
+    """Share compiled programs between the xdist workers and the processes the suite starts
+    (the ``jaxem`` command, notebook kernels): most of the suite's time is XLA compilation,
+    and many tests compile the same program. The cache lives for this run only."""
+    if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return  # a worker inherits the controller's cache; a user's own cache is kept
+    path = tempfile.mkdtemp(prefix="jaxem-test-xla-cache-")
+    config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture

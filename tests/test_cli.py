@@ -1,10 +1,15 @@
-"""The installed ``jaxem`` command, run as a real subprocess."""
+"""The ``jaxem`` command: the installed console script as a real subprocess, and
+``jaxem.cli.main`` in-process for the many cases that only differ in their arguments (a
+subprocess pays JAX's import and every compilation again)."""
 
+import contextlib
+import io
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 
@@ -18,14 +23,31 @@ def jaxem_command() -> list[str]:
     return [found]
 
 
-def run(*args, timeout=600):
+def run_command(*args, timeout=600):
+    """The installed console script, in a fresh process."""
     return subprocess.run([*jaxem_command(), *args], capture_output=True, text=True,
                           timeout=timeout)
 
 
+def run(*args):
+    """``jaxem.cli.main`` in this process, with what a subprocess would hand back."""
+    from jaxem import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    x64 = jax.config.jax_enable_x64
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+            code = e.code
+        finally:
+            jax.config.update("jax_enable_x64", x64)  # --float64 must not leak into other tests
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def test_demo_prints_bic_table_chosen_model_and_writes_plot(tmp_path):
     png = tmp_path / "demo.png"
-    out = run("demo", "--max-k", "3", "--n-init", "2", "--plot", str(png))
+    out = run_command("demo", "--max-k", "2", "--n-init", "2", "--plot", str(png))
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "BIC (lower is better" in text and "Chosen model: K=" in text
@@ -43,11 +65,13 @@ def test_demo_prints_bic_table_chosen_model_and_writes_plot(tmp_path):
 
 
 def test_help_and_bad_usage():
-    assert run("--help").returncode == 0
-    assert "demo" in run("--help").stdout
-    assert run("demo", "--help").returncode == 0
-    bad = run("frobnicate")
-    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    top = run_command("--help")
+    assert top.returncode == 0 and "demo" in top.stdout
+    bad = run_command("frobnicate")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    error = run_command("fit", "absent.csv")  # a run-time error, through the console script
+    assert error.returncode == 2 and "no such data file" in error.stderr
+    assert len(error.stderr.strip().splitlines()) == 1
 
 
 def test_demo_error_is_one_line(tmp_path):
@@ -119,7 +143,7 @@ def test_fit_reads_every_format_to_the_same_fit(data_files):
 def test_select_table_choice_plot_and_model(data_files, tmp_path):
     d, x = data_files
     png, model = tmp_path / "sel.png", tmp_path / "best.npz"
-    out = run("select", str(d / "x.npy"), "--k", "1:3", "--covariance-type", "full,diag",
+    out = run("select", str(d / "x.npy"), "--k", "1:2", "--covariance-type", "full,diag",
               "--plot", str(png), "--out", str(model))
     assert out.returncode == 0, out.stderr
     bic_block = out.stdout.split("BIC (lower is better; * = chosen)")[1].split("AIC")[0]

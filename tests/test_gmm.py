@@ -354,3 +354,31 @@ def test_e_step_is_jittable_and_differentiable(rng):
     x = jnp.asarray(rng.normal(size=(10, 2)), jnp.float32)
     g = jax.grad(lambda x: jax.jit(gmm.e_step)(params, x)[1])(x)
     assert g.shape == x.shape and np.all(np.isfinite(g))
+
+
+def test_eager_calls_compile_once_per_shape(rng):
+    """Called outside jit, the public array functions are cached compiled programs: a second
+    call with new data, key or parameters of the same shapes compiles nothing (their loops
+    used to be traced and compiled again on every call)."""
+    from jaxem import kmeans
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+
+    def calls(seed):
+        key = jax.random.PRNGKey(seed)
+        x = jnp.asarray(np.random.default_rng(seed).normal(size=(40, 3)), jnp.float32)
+        kmeans.kmeans(key, x, 3)
+        kmeans.kmeans_plusplus(key, x, 3)
+        p = gmm.init(key, x, 3, "full", method="kmeans")
+        stats, _ = gmm.e_step(p, x)
+        p = gmm.m_step(stats, 1e-3)
+        return [gmm.posterior(p, x), gmm.score_samples(p, x), gmm.log_joint(p, x),
+                gmm.sample(key, p, 7)]
+
+    jax.block_until_ready(calls(0))
+    compiles.clear()
+    jax.block_until_ready(calls(1))
+    assert compiles == []
