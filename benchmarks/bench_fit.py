@@ -175,6 +175,41 @@ def time_gmmx(x, init, cov_type, iters, repeats, dtype):
     return None, (run(iters) - run(1)) / (iters - 1)
 
 
+def time_pomegranate(x, init, cov_type, iters, repeats, dtype):
+    """pomegranate 1.x (PyTorch, CPU here): a ``GeneralMixtureModel`` of ``Normal``
+    components built from the same initial parameters, so ``fit`` starts no k-means; no
+    ``tied`` type. ``tol=-inf`` runs exactly ``max_iter`` iterations."""
+    import torch
+    from pomegranate.distributions import Normal
+    from pomegranate.gmm import GeneralMixtureModel
+
+    kind = {"full": "full", "diag": "diag", "spherical": "sphere"}.get(cov_type)
+    if kind is None:
+        return None
+    w, m, c = (np.asarray(a, dtype) for a in init)
+    d = m.shape[1]
+    xt = torch.from_numpy(np.asarray(x, dtype))
+
+    def model(n_iter):
+        comps = [Normal(means=torch.from_numpy(m[j].copy()),
+                        covs=torch.from_numpy(np.full(d, c[j], dtype) if kind == "sphere"
+                                              else c[j].copy()),
+                        covariance_type=kind) for j in range(len(w))]
+        return GeneralMixtureModel(comps, priors=torch.from_numpy(w.copy()), max_iter=n_iter,
+                                   tol=-np.inf)
+
+    def run(n_iter):
+        best = np.inf
+        for _ in range(repeats):
+            gm = model(n_iter)  # fit updates the components in place: a fresh start each run
+            t = time.perf_counter()
+            gm.fit(xt)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    return None, (run(iters) - run(1)) / (iters - 1)
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
@@ -189,8 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--n-init", type=int, default=1, help="also time n_init vmapped restarts")
     p.add_argument("--chunk-size", type=int, default=None)
-    p.add_argument("--peers", default="sklearn64,sklearn32,gmmx",
-                   help="comma list from sklearn64, sklearn32, gmmx ('' for none)")
+    p.add_argument("--peers", default="sklearn64,sklearn32,gmmx,pomegranate",
+                   help="comma list from sklearn64, sklearn32, gmmx, pomegranate ('' for none); "
+                   "a peer that is not installed is skipped")
     p.add_argument("--no-x64", action="store_true", help="skip jaxem float64")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (test suite)")
     a = p.parse_args(argv)
@@ -239,6 +275,10 @@ def main(argv=None) -> int:
             r = time_gmmx(x, init, ct, a.iters, a.repeats, np.float32)
             if r is not None:
                 rows.append(("gmmx float32", *r))
+        elif peer == "pomegranate" and importlib.util.find_spec("pomegranate"):
+            r = time_pomegranate(x, init, ct, a.iters, a.repeats, np.float32)
+            if r is not None:
+                rows.append(("pomegranate float32", *r))
         else:
             print(f"(peer {peer} not installed or not applicable: skipped)")
 

@@ -33,6 +33,8 @@ PEERS = {
         x, i, c, it, r, np.float32)),
     "gmmx": ("gmmx f32", "gmmx", lambda x, i, c, it, r: bench_fit.time_gmmx(
         x, i, c, it, r, np.float32)),
+    "pomegranate": ("pomegranate f32", "pomegranate", lambda x, i, c, it, r:
+                    bench_fit.time_pomegranate(x, i, c, it, r, np.float32)),
 }
 
 
