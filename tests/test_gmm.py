@@ -363,9 +363,10 @@ def test_eager_calls_compile_once_per_shape(rng):
     from jaxem import kmeans
 
     compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, **kw: compiles.append(event)
-        if event == "/jax/core/compile/backend_compile_duration" else None)
+
+    def listen(event, secs, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
 
     def calls(seed):
         key = jax.random.PRNGKey(seed)
@@ -379,6 +380,9 @@ def test_eager_calls_compile_once_per_shape(rng):
                 gmm.sample(key, p, 7)]
 
     jax.block_until_ready(calls(0))
-    compiles.clear()
-    jax.block_until_ready(calls(1))
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        jax.block_until_ready(calls(1))
+    finally:  # the listener is process-wide: the worker's later tests must not feed it
+        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == []
