@@ -43,17 +43,23 @@ def flops_per_iter(n, d, k, cov_type) -> float:
     return 8.0 * n * k * d
 
 
+def best_of(repeats, timed, fresh=lambda: None):
+    """Fastest of ``repeats`` calls of ``timed(fresh())``; ``fresh`` runs outside the timer."""
+    best = np.inf
+    for _ in range(repeats):
+        arg = fresh()
+        t = time.perf_counter()
+        timed(arg)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def matmul_roof(size=2048, repeats=5) -> float:
     """float32 GFLOP/s of a square matmul with JAX on this machine."""
     a = jnp.ones((size, size), jnp.float32)
     f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST))
     f(a, a).block_until_ready()
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e9
+    return 2 * size**3 / best_of(repeats, lambda _: f(a, a).block_until_ready()) / 1e9
 
 
 def make_data(n, d, k, seed=0):
@@ -109,11 +115,7 @@ def time_jaxem(x, init, cov_type, iters, repeats, dtype, chunk_size, n_init=1, r
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(*dynamic))
-        best = min(best, time.perf_counter() - t)
+    best = best_of(repeats, lambda _: jax.block_until_ready(compiled(*dynamic)))
     return compile_s, best / max(iters, 1)
 
 
@@ -130,6 +132,12 @@ def time_restarts(x, init, cov_type, iters, repeats, dtype, chunk_size, n_init):
     return comp, max(per_iter - init_s / iters, 1e-9), init_s
 
 
+def per_iteration(run, iters):
+    """``(run(iters) - run(1)) / (iters - 1)``: a peer's seconds per iteration without its
+    set-up, for peers whose fit cannot be entered after initialisation."""
+    return (run(iters) - run(1)) / (iters - 1)
+
+
 def time_sklearn(x, init, cov_type, iters, repeats, dtype):
     from sklearn.mixture import GaussianMixture
 
@@ -138,17 +146,12 @@ def time_sklearn(x, init, cov_type, iters, repeats, dtype):
               weights_init=w, means_init=m, precisions_init=precisions_of(c, cov_type))
     xs = np.asarray(x, dtype)
 
-    def run(n_iter):
-        best = np.inf
-        for _ in range(repeats):
-            t = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                GaussianMixture(len(w), max_iter=n_iter, **kw).fit(xs)
-            best = min(best, time.perf_counter() - t)
-        return best
+    def fit(n_iter):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            GaussianMixture(len(w), max_iter=n_iter, **kw).fit(xs)
 
-    return None, (run(iters) - run(1)) / (iters - 1)
+    return None, per_iteration(lambda n: best_of(repeats, lambda _: fit(n)), iters)
 
 
 def time_gmmx(x, init, cov_type, iters, repeats, dtype):
@@ -165,14 +168,9 @@ def time_gmmx(x, init, cov_type, iters, repeats, dtype):
     def run(n_iter):
         fitter = EMFitter(max_iter=n_iter, tol=-1.0, reg_covar=1e-6)
         jax.block_until_ready(fitter.fit(xj, model))  # compile
-        best = np.inf
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(fitter.fit(xj, model))
-            best = min(best, time.perf_counter() - t)
-        return best
+        return best_of(repeats, lambda _: jax.block_until_ready(fitter.fit(xj, model)))
 
-    return None, (run(iters) - run(1)) / (iters - 1)
+    return None, per_iteration(run, iters)
 
 
 def time_pomegranate(x, init, cov_type, iters, repeats, dtype):
@@ -198,16 +196,9 @@ def time_pomegranate(x, init, cov_type, iters, repeats, dtype):
         return GeneralMixtureModel(comps, priors=torch.from_numpy(w.copy()), max_iter=n_iter,
                                    tol=-np.inf)
 
-    def run(n_iter):
-        best = np.inf
-        for _ in range(repeats):
-            gm = model(n_iter)  # fit updates the components in place: a fresh start each run
-            t = time.perf_counter()
-            gm.fit(xt)
-            best = min(best, time.perf_counter() - t)
-        return best
-
-    return None, (run(iters) - run(1)) / (iters - 1)
+    # fit updates the components in place: a fresh model for every timed run
+    return None, per_iteration(
+        lambda n: best_of(repeats, lambda gm: gm.fit(xt), fresh=lambda: model(n)), iters)
 
 
 def peak_rss_gb() -> float:

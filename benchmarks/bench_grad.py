@@ -22,6 +22,7 @@ arguments and outputs. It is what grows with the number of unrolled steps.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -33,11 +34,8 @@ import numpy as np
 import jaxem
 from jaxem import gmm
 
-
-def make_data(n, d, k, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(k, d)) * 3
-    return (centers[rng.integers(0, k, size=n)] + rng.normal(size=(n, d))).astype(np.float32)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_fit  # noqa: E402  (the data generator and the timing loop live there)
 
 
 def measure(fn, args, repeats):
@@ -48,11 +46,7 @@ def measure(fn, args, repeats):
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
     jax.block_until_ready(compiled(*args))
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        best = min(best, time.perf_counter() - t)
+    best = bench_fit.best_of(repeats, lambda _: jax.block_until_ready(compiled(*args)))
     return compile_s, best, temp
 
 
@@ -71,7 +65,7 @@ def main(argv=None) -> int:
     if a.smoke:
         a.n, a.d, a.k, a.repeats = 2000, 3, 3, 1
 
-    x = jnp.asarray(make_data(a.n, a.d, a.k))
+    x = jnp.asarray(bench_fit.make_data(a.n, a.d, a.k).astype(np.float32))
     model = gmm.GaussianMixtureModel(a.covariance)
     p0 = gmm.init(jax.random.PRNGKey(a.seed), x, a.k, a.covariance, method="kmeans")
     proj = jax.tree_util.tree_map(lambda t: jnp.ones_like(t) / t.size, p0)
