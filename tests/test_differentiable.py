@@ -209,10 +209,11 @@ def test_jit_vmap_grad_compose(x64, rng):
     one = [jax.jit(grad)(x, p0, 1e-3) for x in datasets]
     # jit of grad is grad
     assert tree_allclose(grad(datasets[0], p0, 1e-3), one[0], rtol=1e-12)
-    # vmap of grad over datasets
+    # vmap of grad over datasets (batched products round differently, at ~1e-13 of the
+    # largest entry, so small entries get an absolute tolerance)
     batched = jax.vmap(grad, in_axes=(0, None, None))(datasets, p0, 1e-3)
     assert tree_allclose(batched, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *one),
-                         rtol=1e-10)
+                         rtol=1e-10, atol=1e-10)
     # vmap over restarts (initial parameters), and grad of a vmapped fit
     inits = jax.vmap(lambda k: gmm.init(k, datasets[0], 3, "full", method="kmeans"))(
         jax.random.split(jax.random.PRNGKey(1), 2))
@@ -220,10 +221,10 @@ def test_jit_vmap_grad_compose(x64, rng):
     for i in range(2):
         p_i = jax.tree_util.tree_map(lambda a, i=i: a[i], inits)
         assert tree_allclose(jax.tree_util.tree_map(lambda a, i=i: a[i], per_restart),
-                             jax.jit(grad)(datasets[0], p_i, 1e-3), rtol=1e-10)
+                             jax.jit(grad)(datasets[0], p_i, 1e-3), rtol=1e-10, atol=1e-10)
     g_sum = jax.grad(lambda xs: jnp.sum(jax.vmap(loss, in_axes=(0, None, None))(xs, p0, 1e-3)))(
         datasets)
-    assert tree_allclose(g_sum, jnp.stack([g[0] for g in one]), rtol=1e-10)
+    assert tree_allclose(g_sum, jnp.stack([g[0] for g in one]), rtol=1e-10, atol=1e-10)
     # the unrolled fit composes the same way
     unrolled = jax.vmap(jax.grad(lambda x: jnp.sum(
         jaxem.fit_unrolled(model, x, p0, n_steps=5).params.means)))(datasets)

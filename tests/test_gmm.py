@@ -386,3 +386,97 @@ def test_eager_calls_compile_once_per_shape(rng):
     finally:  # the listener is process-wide: the worker's later tests must not feed it
         jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == []
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), d=st.integers(1, 6), k=st.integers(1, 4))
+def test_quadratic_features_give_the_log_joint(seed, d, k):
+    # full's fast path writes every component's log-joint as z @ B + const over the cyclic
+    # pair features (odd and even D, the pairs j = D/2 seen twice): it must equal the
+    # whitened log-joint (float64, so only the algebra is tested here).
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(k, d, d))
+    with enable_x64():
+        params = gmm.make_params(rng.dirichlet(np.ones(k)), rng.normal(size=(k, d)) * 3,
+                                 a @ np.swapaxes(a, 1, 2) + 0.5 * np.eye(d), "full")
+        x = jnp.asarray(rng.normal(size=(30, d)) * 3)
+        c = jnp.asarray(rng.normal(size=d))
+        b, const = gmm._full_quadratic_coefs(params, c)
+        z = gmm._quadratic_features(x - c[None])
+        assert z.dtype == jnp.float64
+        np.testing.assert_allclose(z @ b + const[None], gmm.log_joint(params, x), rtol=1e-9,
+                                   atol=1e-9)
+
+
+def _full_problem(rng, k, d, offset, sep, n_dup, n=600):
+    """float32 blobs with full covariances (optionally a far component on duplicates)."""
+    centers = rng.normal(size=(k, d)) * sep + offset
+    x = centers[rng.integers(0, k, n)] + rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+    means = centers + 0.3
+    if n_dup:
+        x[:n_dup] = offset + 3 * sep + 1.0
+        means[-1] = x[0] + 0.1
+    params = gmm.make_params(np.full(k, 1 / k, np.float32), means.astype(np.float32),
+                             np.stack([np.eye(d, dtype=np.float32)] * k), "full")
+    return x.astype(np.float32), params
+
+
+@pytest.mark.parametrize("offset, sep, n_dup", [(0.0, 3.0, 0), (1e4, 3.0, 0), (0.0, 30.0, 0),
+                                                 (50.0, 5.0, 4)])
+def test_quadratic_form_agrees_with_centred_moments(rng, offset, sep, n_dup):
+    # full with 2K >= D takes the log-joint and moments as products over quadratic
+    # features about the mixture centre when its rounding bound allows, else the whitened
+    # sweep: either way the M-step must match the centred moments, each covariance to
+    # 3e-3 of its own scale (so a component collapsing on duplicates to ~reg_covar too).
+    x, params = _full_problem(rng, 4, 4, offset, sep, n_dup)
+    stats_a, ll_a = gmm.e_step(params, x, chunk_size=64)
+    stats_c, ll_c = gmm.e_step(params, x, chunk_size=64, moments="centred")
+    assert abs(float(ll_a) - float(ll_c)) < 1e-5 * abs(float(ll_c))
+    auto, centred = gmm.m_step(stats_a, 1e-6), gmm.m_step(stats_c, 1e-6)
+    np.testing.assert_allclose(auto.weights, centred.weights, rtol=1e-4)
+    np.testing.assert_allclose(auto.means, centred.means, rtol=1e-5, atol=1e-4 * sep)
+    err = np.abs(np.asarray(auto.covariances) - np.asarray(centred.covariances))
+    scale = np.max(np.abs(np.asarray(centred.covariances)), axis=(1, 2))
+    assert np.all(np.max(err, axis=(1, 2)) <= 3e-3 * scale), (np.max(err, axis=(1, 2)), scale)
+
+
+def test_quadratic_form_check_trips_only_when_needed(rng):
+    # Benign data: the bound holds before and after the sweep (the fast path is kept).
+    # A far component collapsing on duplicate points: the check trips and the E-step
+    # returns exactly the whitened, centred statistics.
+    x, params = _full_problem(rng, 4, 4, 1e4, 3.0, 0)
+    c = gmm._center(params)
+    assert bool(gmm._quadratic_form_ok(params, c))
+    sums = gmm._blockwise_sum(lambda xs, ws: gmm._e_step_block(
+        params, xs, ws, c=c, quad=gmm._full_quadratic_coefs(params, c)), x, np.ones(600), 128)
+    assert bool(gmm._quadratic_moments(params, *sums, c=c)[2])
+
+    x, params = _full_problem(rng, 4, 4, 0.0, 10.0, 5)
+    cov = np.stack([np.eye(4, dtype=np.float32)] * 4)
+    cov[-1] *= 1e-6  # already collapsing: fails before the sweep
+    tight = gmm.make_params(params.weights, params.means, cov, "full")
+    assert not bool(gmm._quadratic_form_ok(tight, gmm._center(tight)))
+    auto, _ = gmm.e_step(tight, x)
+    centred, _ = gmm.e_step(tight, x, moments="centred")
+    assert tree_allclose(auto, centred, rtol=0.0)
+    # Unit covariances pass before the sweep, but the new covariance of the component on
+    # the duplicates is ~0: the check after the sweep trips.
+    c = gmm._center(params)
+    assert bool(gmm._quadratic_form_ok(params, c))
+    sums = gmm._blockwise_sum(lambda xs, ws: gmm._e_step_block(
+        params, xs, ws, c=c, quad=gmm._full_quadratic_coefs(params, c)), x, np.ones(600), 128)
+    assert not bool(gmm._quadratic_moments(params, *sums, c=c)[2])
+    auto, _ = gmm.e_step(params, x)
+    centred, _ = gmm.e_step(params, x, moments="centred")
+    assert tree_allclose(auto, centred, rtol=0.0)
+
+
+def test_quadratic_form_only_where_it_pays(rng):
+    # Few components per feature (2K < D): the whitened form is faster, so "auto" is the
+    # centred computation exactly; with 2K >= D it is the quadratic form (not identical).
+    assert not gmm._quadratic_form_pays(2, 8) and gmm._quadratic_form_pays(4, 8)
+    for k, same in [(2, True), (4, False)]:
+        x, params = _full_problem(rng, k, 8, 0.0, 3.0, 0)
+        auto, _ = gmm.e_step(params, x)
+        centred, _ = gmm.e_step(params, x, moments="centred")
+        assert tree_allclose(auto, centred, rtol=0.0) == same
