@@ -475,20 +475,21 @@ def e_step(
         size shrinks accordingly so the temporaries stay in cache.
       batch_axis: inside ``vmap(..., axis_name=batch_axis)`` over parameter sets, the axis
         over which they agree on the path for the moments (one branch runs, not both).
-      moments: ``"auto"`` (default): diag/spherical take their second moments as matrix
+      moments: ``"product"``: diag/spherical take their second moments as matrix
         products about the mixture centre and fall back, for that iteration, to moments
         centred on each mean when the product's rounding would exceed
-        :data:`PRODUCT_MOMENTS_RTOL` of a variance; full with 2K ≥ D takes log-joint and
-        moments as products over quadratic features (:func:`_quadratic_features`) unless
-        their rounding would exceed :data:`QUADRATIC_FORM_RTOL`, else whitens;
-        ``"centred"``: always whitened/centred (static).
+        :data:`PRODUCT_MOMENTS_RTOL` of a variance; full takes log-joint and moments as
+        products over quadratic features (:func:`_quadratic_features`) unless their
+        rounding would exceed :data:`QUADRATIC_FORM_RTOL`, else whitens. ``"centred"``:
+        always whitened/centred. ``"auto"`` (default): ``"product"`` where it pays
+        (:func:`_product_form_pays`: large enough N·K·D, and 2K ≥ D for full), else
+        ``"centred"``. Static.
 
     Returns:
       ``(stats, log_likelihood)``: the statistics summed over samples, and the weighted mean
       of ``log p(x_n)``, ``Σ w_n log p(x_n) / Σ w_n``.
     """
-    if moments not in ("auto", "centred"):
-        raise ValueError(f"moments must be 'auto' or 'centred', got {moments!r}")
+    _check_moments(moments, "moments")
     dtype = params.means.dtype
     x = jnp.asarray(x, dtype)
     n = x.shape[0]
@@ -520,13 +521,16 @@ def _e_step(params, x, w, chunk_size, axis_name, batch_axis, moments):
             return ok
         return jax.lax.pmin(ok.astype(jnp.int32), batch_axis) > 0
 
-    if cov_type in ("diag", "spherical") and moments == "auto":
+    if moments == "auto":
+        moments = "product" if _product_form_pays(x.shape[0], *params.means.shape,
+                                                  cov_type) else "centred"
+    if cov_type in ("diag", "spherical") and moments == "product":
         exact = _likely_ill_conditioned(params, c)
         (nk, sum_x, sum_xx), total, ok = _product_moments(params, exact, *sweep(exact), c=c)
         (nk, sum_x, sum_xx), total = jax.lax.cond(
             agree(ok), lambda: ((nk, sum_x, sum_xx), total), lambda: sweep()
         )
-    elif cov_type == "full" and moments == "auto" and _quadratic_form_pays(*params.means.shape):
+    elif cov_type == "full" and moments == "product":
         def fast():
             quad = _full_quadratic_coefs(params, c)
             return _quadratic_moments(params, *sweep(quad=quad), c=c)
@@ -623,15 +627,36 @@ def _product_moments(params: GMMParams, exact, moments, total, c=None):
 QUADRATIC_FORM_RTOL = 2e-3
 
 
-def _quadratic_form_pays(n_components: int, n_features: int) -> bool:
-    """Whether ``full`` takes the quadratic form (static): when 2K ≥ D.
+# Least work per E-step (N·K·D² for full, N·K·D for diag/spherical) at which "auto" takes
+# the product form. That form compiles a second sweep (its fallback), which costs ~0.5-1.5 s
+# more compile on the CPU; below these sizes a whitened iteration takes a few hundredths of
+# a second, so ~100 iterations would not win the extra compile back.
+PRODUCT_FORM_MIN_WORK = {"full": 2**29, "diag": 2**24, "spherical": 2**24}
 
-    Its block is a (C, ~D²/2) array whatever K; the whitened form's is (K·D, C). With few
-    components per feature the products are too thin to use the wider array well and the
-    whitened form is faster (measured on the CPU: 1.5x faster at D = K = 32, 2x slower at
-    D = 64, K = 8).
+
+def _product_form_pays(n_samples: int, n_components: int, n_features: int,
+                       covariance_type: str) -> bool:
+    """Whether ``moments="auto"`` takes the product form (static, from the shapes).
+
+    Only for large enough work per iteration (:data:`PRODUCT_FORM_MIN_WORK`), and for full
+    only when 2K ≥ D: the quadratic form's block is a (C, ~D²/2) array whatever K, the
+    whitened form's is (K·D, C); with few components per feature the products are too thin
+    to use the wider array well and the whitened form is faster (measured on the CPU: 1.5x
+    faster at D = K = 32, 2x slower at D = 64, K = 8). tied has no product form.
     """
-    return 2 * n_components >= n_features
+    if covariance_type not in PRODUCT_FORM_MIN_WORK:
+        return False
+    work = n_samples * n_components * n_features
+    if covariance_type == "full":
+        work *= n_features
+        if 2 * n_components < n_features:
+            return False
+    return work >= PRODUCT_FORM_MIN_WORK[covariance_type]
+
+
+def _check_moments(moments, name: str) -> None:
+    if moments not in ("auto", "product", "centred"):
+        raise ValueError(f"{name} must be 'auto', 'product' or 'centred', got {moments!r}")
 
 
 def _quadratic_form_ok(params: GMMParams, c: jax.Array) -> jax.Array:
@@ -875,8 +900,8 @@ class GaussianMixtureModel:
       chunk_size: E-step block size (see :func:`e_step`); None picks it automatically.
       batch: parameter sets vmapped together (set by :meth:`with_batch`).
       batch_axis: the vmap axis name of those sets (set by :meth:`with_batch`).
-      moments: ``"auto"`` or ``"centred"``: whether full/diag/spherical may take the faster
-        product forms (see :func:`e_step`).
+      moments: ``"auto"``, ``"product"`` or ``"centred"``: whether full/diag/spherical
+        take the faster product forms (see :func:`e_step`).
     """
 
     covariance_type: str = "full"
@@ -889,8 +914,7 @@ class GaussianMixtureModel:
         _validation.check_covariance_type(self.covariance_type)
         if self.chunk_size is not None:
             _validation.check_int(self.chunk_size, "chunk_size", 1)
-        if self.moments not in ("auto", "centred"):
-            raise ValueError(f"moments must be 'auto' or 'centred', got {self.moments!r}")
+        _check_moments(self.moments, "moments")
 
     def with_batch(self, n: int, axis_name: str | None = None) -> GaussianMixtureModel:
         """This model sized for ``n`` parameter sets vmapped over ``axis_name`` (restarts)."""

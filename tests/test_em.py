@@ -53,9 +53,10 @@ def test_max_iter_zero_returns_init(blobs):
 
 @pytest.mark.parametrize("cov_type", ["full", "diag"])
 def test_vmapped_restart_equals_the_same_restart_alone(x64, rng, cov_type):
-    # diag: the restarts agree (pmin over the vmap axis) on the path for the moments.
+    # The product forms (forced: "auto" takes them only for large N): the restarts agree
+    # (pmin over the vmap axis) on the path for the moments.
     x = make_blobs(rng, n_per=60, k=3, d=2, sep=2.5)
-    model = gmm.GaussianMixtureModel(cov_type)
+    model = gmm.GaussianMixtureModel(cov_type, moments="product")
     key = jax.random.PRNGKey(3)
     res = jaxem.fit_restarts(model, x, key, n_components=3, n_init=5, init_method="random",
                              tol=1e-6, max_iter=300)
@@ -260,7 +261,7 @@ x = np.concatenate([rng.normal(size=(334, 3)) + 4 * i for i in range(3)])[:1001]
 w = rng.uniform(0.5, 2.0, size=len(x))
 leaves = jax.tree_util.tree_leaves
 for ct in ["full", "tied", "diag", "spherical"]:
-    model = gmm.GaussianMixtureModel(ct, chunk_size=100)
+    model = gmm.GaussianMixtureModel(ct, chunk_size=100, moments="product")
     params = gmm.init(jax.random.PRNGKey(0), x, 3, ct, method="random")
     one = jaxem.fit(model, x, params, weights=w, tol=1e-8, devices=jax.devices()[:1])
     four = jaxem.fit(model, x, params, weights=w, tol=1e-8)  # default: all 4 devices
@@ -269,7 +270,7 @@ for ct in ["full", "tied", "diag", "spherical"]:
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(one.lower_bounds, four.lower_bounds, rtol=1e-12)
 # diag: the driver's restarts × devices path plus the moments check agreed over both axes
-model = gmm.GaussianMixtureModel("diag")
+model = gmm.GaussianMixtureModel("diag", moments="product")
 r1 = jaxem.fit_restarts(model, x, jax.random.PRNGKey(1), n_components=3, n_init=3,
                         init_method="random_from_data", devices=jax.devices()[:1])
 r4 = jaxem.fit_restarts(model, x, jax.random.PRNGKey(1), n_components=3, n_init=3,

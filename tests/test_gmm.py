@@ -183,7 +183,7 @@ def test_product_moments_agree_with_centred_moments(seed, offset, sep, n_dup, k,
     # variance 0, so it must come out as reg_covar to ~1e-9: the product form alone would
     # be off by ~eps·distance². (Few distinct K: each shape is a compilation.)
     x, params = _diag_problem(np.random.default_rng(seed), k, offset, sep, n_dup, cov_type)
-    stats_a, ll_a = gmm.e_step(params, x, chunk_size=64)
+    stats_a, ll_a = gmm.e_step(params, x, chunk_size=64, moments="product")
     stats_c, ll_c = gmm.e_step(params, x, chunk_size=64, moments="centred")
     assert float(ll_a) == float(ll_c)  # same E-step densities either way
     auto, centred = gmm.m_step(stats_a, 1e-6), gmm.m_step(stats_c, 1e-6)
@@ -212,15 +212,16 @@ def test_product_moments_check_trips_only_when_needed(rng):
     sums = gmm._blockwise_sum(
         lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x, np.ones(2000), 256)
     assert not bool(gmm._product_moments(params, exact, *sums)[2])
-    auto, _ = gmm.e_step(params, x)
+    auto, _ = gmm.e_step(params, x, moments="product")
     centred, _ = gmm.e_step(params, x, moments="centred")
     assert tree_allclose(auto, centred, rtol=0.0)
     var = np.asarray(gmm.m_step(auto, 1e-6).covariances)[[3, 7, 11]]
     np.testing.assert_allclose(var, 1e-6, rtol=1e-3)
 
 
-@pytest.mark.parametrize("cov_type", ["full", "diag"])
-def test_vmapped_restarts_share_one_centre(rng, cov_type):
+@pytest.mark.parametrize("cov_type, moments", [("full", "centred"), ("full", "product"),
+                                               ("diag", "product")])
+def test_vmapped_restarts_share_one_centre(rng, cov_type, moments):
     # Restarts vmapped with batch_axis centre their blocks on one shared point (the mean of
     # their finite centres), so the data side stays unbatched: each heavy product is one
     # product over R·K components. Each restart's statistics are still its own, to float32
@@ -235,12 +236,13 @@ def test_vmapped_restarts_share_one_centre(rng, cov_type):
     batch = dataclasses.replace(batch, means=batch.means.at[r - 1, 0, 0].set(jnp.nan))
 
     def one(p):
-        return gmm.e_step(p, x, chunk_size=chunk, batch=r, batch_axis="restarts")
+        return gmm.e_step(p, x, chunk_size=chunk, batch=r, batch_axis="restarts",
+                          moments=moments)
 
     vmapped = jax.jit(jax.vmap(one, axis_name="restarts"))
     stats, ll = vmapped(batch)
     for i in range(r - 1):
-        alone, ll_alone = gmm.e_step(sets[i], x, chunk_size=chunk)
+        alone, ll_alone = gmm.e_step(sets[i], x, chunk_size=chunk, moments=moments)
         mine = jax.tree_util.tree_map(lambda a, i=i: a[i], stats)
         np.testing.assert_allclose(ll[i], ll_alone, rtol=1e-6)
         np.testing.assert_allclose(mine.nk, alone.nk, rtol=1e-4, atol=1e-3)
@@ -340,7 +342,7 @@ def test_model_is_hashable_and_validates(rng):
     with pytest.raises(ValueError, match="moments"):
         gmm.GaussianMixtureModel("diag", moments="fast")
     with pytest.raises(ValueError, match="moments"):
-        gmm.e_step(random_params(rng, 2, 2, "diag"), np.zeros((4, 2)), moments="product")
+        gmm.e_step(random_params(rng, 2, 2, "diag"), np.zeros((4, 2)), moments="exact")
 
 
 def test_n_parameters_matches_sklearn_formula(rng):
@@ -429,7 +431,7 @@ def test_quadratic_form_agrees_with_centred_moments(rng, offset, sep, n_dup):
     # sweep: either way the M-step must match the centred moments, each covariance to
     # 3e-3 of its own scale (so a component collapsing on duplicates to ~reg_covar too).
     x, params = _full_problem(rng, 4, 4, offset, sep, n_dup)
-    stats_a, ll_a = gmm.e_step(params, x, chunk_size=64)
+    stats_a, ll_a = gmm.e_step(params, x, chunk_size=64, moments="product")
     stats_c, ll_c = gmm.e_step(params, x, chunk_size=64, moments="centred")
     assert abs(float(ll_a) - float(ll_c)) < 1e-5 * abs(float(ll_c))
     auto, centred = gmm.m_step(stats_a, 1e-6), gmm.m_step(stats_c, 1e-6)
@@ -456,7 +458,7 @@ def test_quadratic_form_check_trips_only_when_needed(rng):
     cov[-1] *= 1e-6  # already collapsing: fails before the sweep
     tight = gmm.make_params(params.weights, params.means, cov, "full")
     assert not bool(gmm._quadratic_form_ok(tight, gmm._center(tight)))
-    auto, _ = gmm.e_step(tight, x)
+    auto, _ = gmm.e_step(tight, x, moments="product")
     centred, _ = gmm.e_step(tight, x, moments="centred")
     assert tree_allclose(auto, centred, rtol=0.0)
     # Unit covariances pass before the sweep, but the new covariance of the component on
@@ -466,17 +468,40 @@ def test_quadratic_form_check_trips_only_when_needed(rng):
     sums = gmm._blockwise_sum(lambda xs, ws: gmm._e_step_block(
         params, xs, ws, c=c, quad=gmm._full_quadratic_coefs(params, c)), x, np.ones(600), 128)
     assert not bool(gmm._quadratic_moments(params, *sums, c=c)[2])
-    auto, _ = gmm.e_step(params, x)
+    auto, _ = gmm.e_step(params, x, moments="product")
     centred, _ = gmm.e_step(params, x, moments="centred")
     assert tree_allclose(auto, centred, rtol=0.0)
 
 
-def test_quadratic_form_only_where_it_pays(rng):
-    # Few components per feature (2K < D): the whitened form is faster, so "auto" is the
-    # centred computation exactly; with 2K >= D it is the quadratic form (not identical).
-    assert not gmm._quadratic_form_pays(2, 8) and gmm._quadratic_form_pays(4, 8)
-    for k, same in [(2, True), (4, False)]:
-        x, params = _full_problem(rng, k, 8, 0.0, 3.0, 0)
-        auto, _ = gmm.e_step(params, x)
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 10**8), k=st.integers(1, 256), d=st.integers(1, 256),
+       cov_type=st.sampled_from(COV_TYPES))
+def test_product_form_pays_rule(n, k, d, cov_type):
+    # "auto" takes the product form only when the work per iteration repays compiling a
+    # second sweep, never for tied (it has none), and for full only with 2K >= D; more
+    # samples never switch it off.
+    pays = gmm._product_form_pays(n, k, d, cov_type)
+    if cov_type == "tied" or (cov_type == "full" and 2 * k < d):
+        assert not pays
+    else:
+        work = n * k * d * (d if cov_type == "full" else 1)
+        assert pays == (work >= gmm.PRODUCT_FORM_MIN_WORK[cov_type])
+    assert not pays or gmm._product_form_pays(2 * n, k, d, cov_type)
+
+
+def test_auto_takes_the_product_form_only_where_it_pays(rng, monkeypatch):
+    # At test sizes "auto" is the centred computation exactly (one sweep to compile). With
+    # the threshold lowered to 1 it is the product form (not identical to centred) where
+    # 2K >= D and still centred where 2K < D. (N = 613 and 617 are used by no other test, so
+    # no program traced under the default threshold is reused.)
+    for k, n, product_pays in [(2, 613, False), (4, 617, True)]:
+        x, params = _full_problem(rng, k, 8, 0.0, 3.0, 0, n=n)
         centred, _ = gmm.e_step(params, x, moments="centred")
-        assert tree_allclose(auto, centred, rtol=0.0) == same
+        product, _ = gmm.e_step(params, x, moments="product")
+        assert not tree_allclose(product, centred, rtol=0.0)
+        assert tree_allclose(gmm.e_step(params, x)[0], centred, rtol=0.0)
+        with monkeypatch.context() as m:
+            m.setitem(gmm.PRODUCT_FORM_MIN_WORK, "full", 1)
+            auto, _ = gmm.e_step(params, x[:-1])
+        expect, _ = gmm.e_step(params, x[:-1], moments="product" if product_pays else "centred")
+        assert tree_allclose(auto, expect, rtol=0.0)
