@@ -631,7 +631,7 @@ QUADRATIC_FORM_RTOL = 2e-3
 # the product form. That form compiles a second sweep (its fallback), which costs ~0.5-1.5 s
 # more compile on the CPU; below these sizes a whitened iteration takes a few hundredths of
 # a second, so ~100 iterations would not win the extra compile back.
-PRODUCT_FORM_MIN_WORK = {"full": 2**29, "diag": 2**24, "spherical": 2**24}
+PRODUCT_FORM_MIN_WORK = {"full": 2**27, "diag": 2**24, "spherical": 2**24}
 
 
 def _product_form_pays(n_samples: int, n_components: int, n_features: int,
