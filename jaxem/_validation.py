@@ -15,6 +15,7 @@ import numpy as np
 from jaxem._linalg import COVARIANCE_TYPES, covariance_shape
 
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
+MOMENTS = ("auto", "product", "centred")
 
 
 def is_traced(*arrays) -> bool:
@@ -34,6 +35,12 @@ def check_init_method(method) -> str:
     if method not in INIT_METHODS:
         raise ValueError(f"init_params must be one of {INIT_METHODS}, got {method!r}")
     return method
+
+
+def check_moments(moments) -> str:
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
+    return moments
 
 
 def check_int(value, name: str, minimum: int) -> int:

@@ -269,7 +269,7 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
         wr = w[None, :] * jnp.exp(log_prob - log_norm[None, :])  # (K, C)
     if exact is None and quad is None:
         moments = _moments_t(xc, wr, m, cov_type)
-    elif quad is None:
+    elif exact is not None:
         d = xc.shape[1]
         s = jnp.matmul(wr, z, precision=PRECISION)  # (K, 2D): Σ w r (x−c)², Σ w r (x−c)
         moments = (jnp.sum(wr, axis=1), s[:, d:], s[:, :d],
@@ -350,6 +350,11 @@ def _quadratic_features(xc: jax.Array) -> jax.Array:
     return jnp.concatenate([(xc[:, None, :] * shifted).reshape(n, -1), xc], axis=1)
 
 
+def _precision_matrices(pc: jax.Array) -> jax.Array:
+    """(K, D, D) precision matrices ``Λ = P Pᵀ`` from their (K, D, D) Cholesky factors."""
+    return jnp.matmul(pc, jnp.swapaxes(pc, 1, 2), precision=PRECISION)
+
+
 def _full_quadratic_coefs(params: GMMParams, c: jax.Array):
     """``(B, const)`` with ``log π_k + log N(x | μ_k, Σ_k) = (z @ B)_k + const_k``.
 
@@ -359,7 +364,7 @@ def _full_quadratic_coefs(params: GMMParams, c: jax.Array):
     pc = params.precisions_cholesky
     d = params.n_features
     m = params.means - c[None]
-    lam = jnp.matmul(pc, jnp.swapaxes(pc, 1, 2), precision=PRECISION)  # (K, D, D)
+    lam = _precision_matrices(pc)
     lm = jnp.einsum("kde,ke->kd", lam, m, precision=PRECISION)
     rows, cols, weight = _pairs(d)
     b_quad = -0.5 * lam[:, rows, cols] * weight.astype(lam.dtype)
@@ -489,7 +494,7 @@ def e_step(
       ``(stats, log_likelihood)``: the statistics summed over samples, and the weighted mean
       of ``log p(x_n)``, ``Σ w_n log p(x_n) / Σ w_n``.
     """
-    _check_moments(moments, "moments")
+    _validation.check_moments(moments)
     dtype = params.means.dtype
     x = jnp.asarray(x, dtype)
     n = x.shape[0]
@@ -654,17 +659,11 @@ def _product_form_pays(n_samples: int, n_components: int, n_features: int,
     return work >= PRODUCT_FORM_MIN_WORK[covariance_type]
 
 
-def _check_moments(moments, name: str) -> None:
-    if moments not in ("auto", "product", "centred"):
-        raise ValueError(f"{name} must be 'auto', 'product' or 'centred', got {moments!r}")
-
-
 def _quadratic_form_ok(params: GMMParams, c: jax.Array) -> jax.Array:
     """Whether every component's quadratic form about c rounds below
     :data:`QUADRATIC_FORM_RTOL` (:func:`_quadratic_rounding`) under the current parameters,
     so that the log-joints of the fast sweep are accurate. Known before the sweep."""
-    pc = params.precisions_cholesky
-    lam = jnp.matmul(pc, jnp.swapaxes(pc, 1, 2), precision=PRECISION)
+    lam = _precision_matrices(params.precisions_cholesky)
     risk = _quadratic_rounding(params.means - c[None], params.covariances, lam)
     return jnp.all(risk <= QUADRATIC_FORM_RTOL)  # False on NaN
 
@@ -914,7 +913,7 @@ class GaussianMixtureModel:
         _validation.check_covariance_type(self.covariance_type)
         if self.chunk_size is not None:
             _validation.check_int(self.chunk_size, "chunk_size", 1)
-        _check_moments(self.moments, "moments")
+        _validation.check_moments(self.moments)
 
     def with_batch(self, n: int, axis_name: str | None = None) -> GaussianMixtureModel:
         """This model sized for ``n`` parameter sets vmapped over ``axis_name`` (restarts)."""
