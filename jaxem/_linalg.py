@@ -2,8 +2,11 @@
 
 Conventions follow scikit-learn's ``sklearn.mixture`` so numbers can be compared one for one:
 the *precision Cholesky* factor ``P`` of a covariance ``S`` is the upper-triangular matrix with
-``P @ P.T = inv(S)``, i.e. ``P = inv(chol(S)).T``. Log densities are computed through ``P``;
-no covariance is ever inverted explicitly.
+``P @ P.T = inv(S)``, i.e. ``P = inv(chol(S)).T``. It is unique (positive diagonal), and
+every way of building parameters gives this one: from covariances, from precisions (where
+scikit-learn's initialisation keeps a lower factor), from a fit or a file. Log densities are
+computed through ``P``; no covariance or precision matrix is ever inverted, only
+triangular factors, by triangular solves.
 
 Shapes per covariance type (K components, D features):
 
@@ -30,14 +33,37 @@ COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 PRECISION = jax.lax.Precision.HIGHEST
 
 
+# The one table of the covariance types: (shape of covariances and precision factors, number
+# of free covariance parameters) for K components and D features.
+_COVARIANCE_LAYOUT = {
+    "full": lambda k, d: ((k, d, d), k * d * (d + 1) // 2),
+    "tied": lambda k, d: ((d, d), d * (d + 1) // 2),
+    "diag": lambda k, d: ((k, d), k * d),
+    "spherical": lambda k, d: ((k,), k),
+}
+
+
 def covariance_shape(covariance_type: str, n_components: int, n_features: int) -> tuple:
     """Shape of ``covariances`` (and of ``precisions_cholesky``) for a covariance type."""
+    return _COVARIANCE_LAYOUT[covariance_type](n_components, n_features)[0]
+
+
+def n_covariance_parameters(covariance_type: str, n_components: int, n_features: int) -> int:
+    """Free parameters in the covariances of a mixture (scikit-learn's count, for BIC/AIC)."""
+    return _COVARIANCE_LAYOUT[covariance_type](n_components, n_features)[1]
+
+
+def full_covariance_matrices(covariances: jax.Array, covariance_type: str,
+                             n_components: int, n_features: int) -> jax.Array:
+    """(K, D, D) covariance matrices from covariances of any type (plots, oracles)."""
+    cov = jnp.asarray(covariances)
+    eye = jnp.eye(n_features, dtype=cov.dtype)
     return {
-        "full": (n_components, n_features, n_features),
-        "tied": (n_features, n_features),
-        "diag": (n_components, n_features),
-        "spherical": (n_components,),
-    }[covariance_type]
+        "full": lambda: cov,
+        "tied": lambda: jnp.broadcast_to(cov, (n_components, n_features, n_features)),
+        "diag": lambda: cov[:, :, None] * eye,
+        "spherical": lambda: cov[:, None, None] * eye,
+    }[covariance_type]()
 
 
 def _chol_to_prec_chol(cov: jax.Array) -> jax.Array:
@@ -64,16 +90,12 @@ def precision_cholesky(covariances: jax.Array, covariance_type: str) -> jax.Arra
 
 
 def covariances_from_precision_cholesky(prec_chol: jax.Array, covariance_type: str) -> jax.Array:
-    """Covariances ``inv(P @ P.T)`` from precision factors, through triangular solves.
-
-    ``P`` may be upper (computed from covariances) or lower (from user-given precisions).
-    """
+    """Covariances ``inv(P @ P.T) = P⁻ᵀ P⁻¹`` from upper precision factors (a triangular solve)."""
     if covariance_type in ("full", "tied"):
-        precisions = precisions_from_cholesky(prec_chol, covariance_type)
-        lower = jnp.linalg.cholesky(precisions)
-        eye = jnp.broadcast_to(jnp.eye(lower.shape[-1], dtype=lower.dtype), lower.shape)
-        inv_lower = solve_triangular(lower, eye, lower=True)
-        return jnp.matmul(jnp.swapaxes(inv_lower, -1, -2), inv_lower, precision=PRECISION)
+        eye = jnp.broadcast_to(jnp.eye(prec_chol.shape[-1], dtype=prec_chol.dtype),
+                               prec_chol.shape)
+        p_inv = solve_triangular(prec_chol, eye, lower=False)
+        return jnp.matmul(jnp.swapaxes(p_inv, -1, -2), p_inv, precision=PRECISION)
     return 1.0 / prec_chol**2
 
 
@@ -84,15 +106,19 @@ def precisions_from_cholesky(prec_chol: jax.Array, covariance_type: str) -> jax.
     return prec_chol**2
 
 
-def precision_cholesky_from_precisions(precisions: jax.Array, covariance_type: str) -> jax.Array:
-    """A factor ``P`` with ``P @ P.T = precisions`` (for user-given ``precisions_init``).
+def _flip(a: jax.Array) -> jax.Array:
+    return a[..., ::-1, ::-1]
 
-    Like scikit-learn this takes the lower Cholesky factor of the precision; every formula in
-    jaxem uses ``P`` only through ``P @ P.T`` and ``diag(P)``, so lower and upper factors give
-    the same densities.
+
+def precision_cholesky_from_precisions(precisions: jax.Array, covariance_type: str) -> jax.Array:
+    """The upper factor ``P`` with ``P @ P.T = precisions`` (for user-given precisions).
+
+    With J the order-reversing permutation, ``chol(J Λ J) = L`` gives ``Λ = (J L J)(J L J)ᵀ``
+    and ``J L J`` is upper triangular: the same factor as ``inv(chol(inv(Λ))).T``, without
+    inverting anything. NaN where ``precisions`` is not positive definite.
     """
     if covariance_type in ("full", "tied"):
-        return jnp.linalg.cholesky(precisions)
+        return _flip(jnp.linalg.cholesky(_flip(precisions)))
     return jnp.sqrt(precisions)
 
 

@@ -51,43 +51,79 @@ def check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def check_real(value, name: str, minimum: float | None = None) -> float:
+def check_real(value, name: str, minimum: float | None = None,
+               allow_negative_infinity: bool = False) -> float:
     if is_traced(value):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real | np.ndarray | jax.Array):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
     v = float(np.asarray(value))
-    if not np.isfinite(v):
+    if not (np.isfinite(v) or (allow_negative_infinity and v == -np.inf)):
         raise ValueError(f"{name} must be finite, got {v}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
     return value
 
 
+def _is_sparse(x) -> bool:
+    # scipy.sparse matrices and arrays, without importing scipy (an optional peer).
+    return type(x).__module__.startswith("scipy.sparse") and hasattr(x, "toarray")
+
+
 def check_data(x, name: str = "x", min_samples: int = 1):
-    """2-D, numeric, finite, with at least ``min_samples`` rows."""
+    """2-D, real, numeric, finite, with at least ``min_samples`` rows and one column.
+
+    Returns the data as an array: NumPy object arrays of numbers are converted to float64
+    (as scikit-learn's ``check_array`` does); JAX arrays and tracers come back unchanged.
+    Messages carry scikit-learn's wording where it has one, so code and tests written
+    against scikit-learn recognise them.
+    """
     if is_traced(x):
         return x
-    arr = np.asarray(x)
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
-        raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if _is_sparse(x):
+        raise TypeError(
+            f"{name} is a sparse {type(x).__name__}: sparse input is not supported; pass a "
+            f"dense array (e.g. {name}.toarray())"
+        )
+    arr = x if isinstance(x, jax.Array) else np.asarray(x)
+    if arr.dtype == object:
+        try:
+            arr = np.asarray(arr, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} must be a numeric array: {e}") from None
     if np.iscomplexobj(arr):
-        raise TypeError(f"{name} must be real-valued, got dtype {arr.dtype}")
+        raise ValueError(f"Complex data not supported: {name} has dtype {arr.dtype}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
     if arr.ndim != 2:
+        hint = ""
+        if arr.ndim == 1:
+            hint = (f" Reshape your data either using {name}.reshape(-1, 1) if it has a "
+                    f"single feature or {name}.reshape(1, -1) if it contains a single sample.")
         raise ValueError(
-            f"{name} must be 2-D (n_samples, n_features), got an array of shape {arr.shape}"
+            f"{name} must be 2-D (n_samples, n_features), got an array of shape "
+            f"{arr.shape}.{hint}"
         )
     if arr.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one feature, got shape {arr.shape}")
+        raise ValueError(
+            f"{name} has 0 feature(s) (shape={arr.shape}) while a minimum of 1 is required."
+        )
+    if arr.shape[0] < 1:
+        raise ValueError(
+            f"{name} has 0 sample(s) (shape={arr.shape}) while a minimum of 1 is required."
+        )
     if arr.shape[0] < min_samples:
         raise ValueError(
             f"{name} has {arr.shape[0]} samples but at least {min_samples} are needed "
-            f"(n_components={min_samples} requires n_samples >= n_components)"
+            f"(Expected n_samples >= n_components but got n_components = {min_samples}, "
+            f"n_samples = {arr.shape[0]})"
         )
-    if not all_finite(x):
-        bad = int(np.sum(~np.isfinite(np.asarray(x))))
+    if not all_finite(arr):
+        bad = int(np.sum(~np.isfinite(np.asarray(arr))))
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
-    return x
+    return arr
 
 
 _jit_all_finite = jax.jit(lambda a: jax.numpy.all(jax.numpy.isfinite(a)))
@@ -117,27 +153,40 @@ def check_sample_weight(weights, n_samples: int, name: str = "sample_weight"):
     if np.any(w < 0):
         raise ValueError(f"{name} must be non-negative, got minimum {w.min()}")
     if not np.sum(w) > 0:
-        raise ValueError(f"{name} must have a positive sum")
+        raise ValueError(f"{name} are all zero: at least one weight must be positive")
     return weights
 
 
+# The wording of the three checks below is scikit-learn's (sklearn.mixture), so that users
+# and their tests meet the same messages for the same mistakes.
 def check_weights_init(weights, n_components: int, name: str = "weights_init"):
     w = np.asarray(weights, dtype=float)
     if w.shape != (n_components,):
-        raise ValueError(f"{name} must have shape ({n_components},), got {w.shape}")
+        raise ValueError(
+            f"The parameter '{name}' should have the shape of ({n_components},), but got "
+            f"{w.shape}"
+        )
     if not np.all(np.isfinite(w)) or np.any(w < 0) or np.any(w > 1):
-        raise ValueError(f"{name} must lie in [0, 1], got min {w.min()} max {w.max()}")
+        raise ValueError(
+            f"The parameter '{name}' should be in the range [0, 1], but got max value "
+            f"{w.max():.5f}, min value {w.min():.5f}"
+        )
     if not np.allclose(w.sum(), 1.0, rtol=0, atol=1e-6):
-        raise ValueError(f"{name} must sum to 1, got {w.sum()!r}")
+        raise ValueError(
+            f"The parameter '{name}' should be normalized, but got sum({name}) = {w.sum():.5f}"
+        )
     return weights
 
 
 def check_means_init(means, n_components: int, n_features: int, name: str = "means_init"):
     m = np.asarray(means, dtype=float)
     if m.shape != (n_components, n_features):
-        raise ValueError(f"{name} must have shape ({n_components}, {n_features}), got {m.shape}")
+        raise ValueError(
+            f"The parameter '{name}' should have the shape of ({n_components}, {n_features}), "
+            f"but got {m.shape}"
+        )
     if not np.all(np.isfinite(m)):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise ValueError(f"The parameter '{name}' contains NaN or infinite values")
     return means
 
 
@@ -147,19 +196,25 @@ def check_spd(matrices, covariance_type: str, n_components: int, n_features: int
     expected = covariance_shape(covariance_type, n_components, n_features)
     if a.shape != expected:
         raise ValueError(
-            f"{name} for covariance_type={covariance_type!r} must have shape {expected}, "
-            f"got {a.shape}"
+            f"The parameter '{name}' should have the shape of {expected}, but got {a.shape} "
+            f"(covariance_type={covariance_type!r})"
         )
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise ValueError(f"The parameter '{name}' contains NaN or infinite values")
+    what = "precision" if "precision" in name else "covariance"
     if covariance_type in ("diag", "spherical"):
         if np.any(a <= 0):
-            raise ValueError(f"{name} must be positive, got minimum {a.min()}")
+            raise ValueError(
+                f"'{covariance_type} {what}' should be positive ({name} has minimum {a.min()})"
+            )
         return matrices
     stack = a[None] if covariance_type == "tied" else a
     for k, m in enumerate(stack):
-        if not np.allclose(m, m.T, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(m).max())):
-            raise ValueError(f"{name}[{k}] must be symmetric")
-        if np.linalg.eigvalsh(m).min() <= 0:
-            raise ValueError(f"{name}[{k}] must be positive definite")
+        symmetric = np.allclose(m, m.T, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(m).max()))
+        if not symmetric or np.linalg.eigvalsh(m).min() <= 0:
+            where = name if covariance_type == "tied" else f"{name}[{k}]"
+            raise ValueError(
+                f"'{covariance_type} {what}' should be symmetric, positive-definite "
+                f"({where} is not)"
+            )
     return matrices

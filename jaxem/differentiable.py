@@ -58,16 +58,16 @@ class GradientWarning(UserWarning):
 
 @functools.partial(jax.jit, static_argnames=("model", "n_steps", "checkpoint"))
 def _unrolled_jit(model, x, weights, params, tol, n_steps, checkpoint, hyper):
-    never = jnp.asarray(-jnp.inf, em._ll_dtype(params))
+    never = jnp.asarray(-jnp.inf, tol.dtype)
 
     def step(s: FitResult, _):
-        new = em._em_step(model, x, weights, hyper, never, s)
+        new = em.em_step(model, x, weights, hyper, never, s)
         # After a failure the state stays frozen, as the while_loop would have stopped.
         return jax.tree_util.tree_map(lambda a, b: jnp.where(s.failed, b, a), new, s), None
 
     if checkpoint:
         step = jax.checkpoint(step)
-    out, _ = jax.lax.scan(step, em._initial_state(params, n_steps), length=n_steps)
+    out, _ = jax.lax.scan(step, em.initial_state(params, n_steps), length=n_steps)
     bounds = out.lower_bounds
     change = jnp.abs(bounds[-1] - bounds[-2]) if n_steps >= 2 else jnp.inf
     return out._replace(converged=~out.failed & (out.n_iter == n_steps) & (change < tol))
@@ -106,18 +106,12 @@ def fit_unrolled(
       (non-finite values) the state freezes there, ``failed`` is set, and gradients through
       the failed step are not meaningful.
     """
-    hyper = em._with_defaults(model, hyper)
-    em._check_common(model, x, weights, tol, 0, hyper)
     _validation.check_int(n_steps, "n_steps", 1)
     if not isinstance(checkpoint, bool):
         raise TypeError(f"checkpoint must be a bool, got {type(checkpoint).__name__}")
-    _check_finite_params(params)
-    dtype = em._ll_dtype(params)
-    x = em._as_float(x, dtype)
-    weights = None if weights is None else em._as_float(weights, dtype)
-    hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
-    return _unrolled_jit(model, x, weights, params, jnp.asarray(tol, dtype), n_steps,
-                         checkpoint, hyper)
+    inp = em.prepare(model, x, params, weights=weights, tol=tol, hyper=hyper)
+    return _unrolled_jit(model, inp.x, inp.weights, params, inp.tol, n_steps, checkpoint,
+                         inp.hyper)
 
 
 # ----------------------------------------------------------------------------- implicit
@@ -132,14 +126,6 @@ def _fixed_point_map(model, theta, x, w, hyper):
 def _tree_vdot(a, b):
     return sum(jnp.vdot(u, v) for u, v in zip(jax.tree_util.tree_leaves(a),
                                               jax.tree_util.tree_leaves(b), strict=True))
-
-
-def _relative_change(new, old) -> jax.Array:
-    """max over leaves of max|new − old| / max|old|: the fixed-point residual of a fit."""
-    errs = [jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), jnp.finfo(b.dtype).tiny)
-            for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old),
-                            strict=True)]
-    return functools.reduce(jnp.maximum, errs)
 
 
 def _report(fp_err, fp_tol, adj_err, adj_tol, failed):
@@ -163,12 +149,20 @@ def _report(fp_err, fp_tol, adj_err, adj_tol, failed):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _implicit_fixed_point(model, max_iter, adjoint_max_iter, x, w, params0, tol, hyper, tols):
-    run = em._run(model, x, w, params0, tol, max_iter, hyper)
+    run = _forward(model, max_iter, x, w, params0, tol, hyper, tols)
     return run.params, run._replace(params=None)
 
 
+def _forward(model, max_iter, x, w, params0, tol, hyper, tols):
+    """The compiled fit, stopping on the residual the backward pass checks: besides
+    ``|Δℓ| < tol``, an iteration must move the parameters by at most half of
+    ``fixed_point_tol``, so that the returned θ* (one EM step further, and EM contracts)
+    passes the gradient's trust check with a margin."""
+    return em.run(model, x, w, params0, tol, max_iter, hyper, param_tol=tols[1] / 2)
+
+
 def _implicit_fwd(model, max_iter, adjoint_max_iter, x, w, params0, tol, hyper, tols):
-    run = em._run(model, x, w, params0, tol, max_iter, hyper)
+    run = _forward(model, max_iter, x, w, params0, tol, hyper, tols)
     residuals = (x, w, run.params, params0, tol, hyper, tols, run.failed)
     return (run.params, run._replace(params=None)), residuals
 
@@ -193,7 +187,7 @@ def _implicit_bwd(model, max_iter, adjoint_max_iter, residuals, cotangents):
     g_norm = jnp.sqrt(_tree_vdot(g, g))
     adj_err = jnp.where(g_norm > 0, jnp.sqrt(_tree_vdot(r, r)) / jnp.where(g_norm > 0, g_norm, 1),
                         0.0)
-    fp_err = _relative_change(t_theta, theta)
+    fp_err = em.relative_change(t_theta, theta)
     jax.debug.callback(_report, fp_err, fixed_point_tol, adj_err, adjoint_tol, failed)
     _, gx, gw, ghyper = pullback(v)
     trusted = (adj_err <= adjoint_tol) & ~failed
@@ -249,12 +243,17 @@ def fit_implicit(
       weights: optional (N,) non-negative per-sample weights (differentiable).
       tol: the fit's tolerance on the change of the mean log-likelihood (traced). Tighter
         than :func:`jaxem.fit`'s default, because the gradient is that of the fixed point.
+        The fit converges only when, besides, an iteration moves the parameters by at most
+        ``fixed_point_tol / 2`` (relative, per leaf): the stopping rule and the gradient's
+        trust check measure the same thing, so a fit that converged by its own rule never
+        warns.
       max_iter: the fit's iteration cap (static).
       adjoint_tol: relative residual the adjoint solve must reach (traced). Default:
         √eps of the dtype (3e-4 in float32, 1.5e-8 in float64).
       adjoint_max_iter: cap on vector-Jacobian products in the adjoint solve (static).
-      fixed_point_tol: largest relative fixed-point residual accepted without a warning
-        (traced). Default: 1e-3.
+      fixed_point_tol: largest relative fixed-point residual ``max|T(θ) − θ| / max|θ|``
+        accepted without a warning (traced); the forward fit stops at half of it (see
+        ``tol``). Default: 1e-3.
       **hyper: M-step hyperparameters, e.g. ``reg_covar`` (traced, differentiable).
 
     Returns:
@@ -262,11 +261,10 @@ def fit_implicit(
       is the mean log-likelihood *at* those params (one E-step after the loop, so that it is
       differentiable too); ``lower_bounds``, ``n_iter`` and the flags carry no gradient.
     """
-    hyper = em._with_defaults(model, hyper)
-    em._check_common(model, x, weights, tol, max_iter, hyper)
     _validation.check_int(adjoint_max_iter, "adjoint_max_iter", 1)
-    _check_finite_params(params)
-    dtype = em._ll_dtype(params)
+    inp = em.prepare(model, x, params, weights=weights, tol=tol, max_iter=max_iter,
+                     hyper=hyper, ones=True)
+    dtype = inp.x.dtype
     eps = float(jnp.finfo(dtype).eps)
     if adjoint_tol is None:
         adjoint_tol = eps**0.5
@@ -274,12 +272,9 @@ def fit_implicit(
         fixed_point_tol = 1e-3
     _validation.check_real(adjoint_tol, "adjoint_tol", minimum=0.0)
     _validation.check_real(fixed_point_tol, "fixed_point_tol", minimum=0.0)
-    x = em._as_float(x, dtype)
-    w = jnp.ones(x.shape[:1], dtype) if weights is None else em._as_float(weights, dtype)
-    hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
     tols = (jnp.asarray(adjoint_tol, dtype), jnp.asarray(fixed_point_tol, dtype))
-    return _implicit_jit(model, x, w, params, jnp.asarray(tol, dtype), max_iter,
-                         adjoint_max_iter, tols, hyper)
+    return _implicit_jit(model, inp.x, inp.weights, params, inp.tol, max_iter,
+                         adjoint_max_iter, tols, inp.hyper)
 
 
 # ----------------------------------------------------------------------------- envelope
@@ -298,9 +293,3 @@ def envelope_log_likelihood(
     _validation.check_data(x, "x")
     return model.e_step(jax.lax.stop_gradient(params), x, weights)[1]
 
-
-def _check_finite_params(params):
-    if not _validation.is_traced(params) and not all(
-        np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(params)
-    ):
-        raise ValueError("params contain NaN or infinite values")

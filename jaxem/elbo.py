@@ -17,9 +17,22 @@ import jax
 import jax.numpy as jnp
 
 
+def _support(log_q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(zero, safe_log_q)``: where q = 0 (log_q = -inf), and log_q with 0 there.
+
+    The double-``where`` pattern: every expression is built from ``safe_log_q`` and masked
+    with ``zero`` afterwards, so that no branch evaluates ``0 · (−inf)``; gradients at a q
+    with exact zeros (one-hot rows) are then finite, not NaN.
+    """
+    zero = jnp.isneginf(log_q)
+    return zero, jnp.where(zero, 0.0, log_q)
+
+
 def _q_times(log_q: jax.Array, values: jax.Array) -> jax.Array:
-    # Σ q·values with the convention 0·anything = 0 where q = 0 (log_q = -inf).
-    return jnp.sum(jnp.where(jnp.isneginf(log_q), 0.0, jnp.exp(log_q) * values))
+    # Σ q·values with the convention 0·anything = 0 where q = 0.
+    zero, safe_log_q = _support(log_q)
+    safe_values = jnp.where(zero, 0.0, values)
+    return jnp.sum(jnp.where(zero, 0.0, jnp.exp(safe_log_q) * safe_values))
 
 
 def log_marginal(log_joint: jax.Array) -> jax.Array:
@@ -42,7 +55,7 @@ def entropy(log_q: jax.Array) -> jax.Array:
     Args:
       log_q: (N, K) rows of log-probabilities.
     """
-    return -_q_times(log_q, log_q)
+    return -_q_times(log_q, _support(log_q)[1])
 
 
 def expected_log_joint(log_joint: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -57,7 +70,7 @@ def elbo(log_joint: jax.Array, log_q: jax.Array) -> jax.Array:
       log_joint: (N, K) log-joint matrix.
       log_q: (N, K) rows of log-probabilities.
     """
-    return _q_times(log_q, log_joint - jnp.where(jnp.isneginf(log_q), 0.0, log_q))
+    return _q_times(log_q, log_joint - _support(log_q)[1])
 
 
 def kl_to_posterior(log_joint: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -67,8 +80,7 @@ def kl_to_posterior(log_joint: jax.Array, log_q: jax.Array) -> jax.Array:
       log_joint: (N, K) log-joint matrix.
       log_q: (N, K) rows of log-probabilities.
     """
-    safe_log_q = jnp.where(jnp.isneginf(log_q), 0.0, log_q)
-    return _q_times(log_q, safe_log_q - posterior(log_joint))
+    return _q_times(log_q, _support(log_q)[1] - posterior(log_joint))
 
 
 def kl_gap(log_joint: jax.Array, log_q: jax.Array) -> jax.Array:

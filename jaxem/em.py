@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -68,11 +67,25 @@ def _ll_dtype(params) -> jnp.dtype:
     return jnp.result_type(*floats) if floats else jnp.result_type(float)
 
 
-def _em_step(model, x, weights, hyper, tol, s: FitResult, axis_name=None) -> FitResult:
+def relative_change(new, old) -> jax.Array:
+    """max over leaves of max|new − old| / max|old|: how far one EM step moved the params.
+
+    At ``new = T(old)`` this is the relative fixed-point residual of ``old``.
+    """
+    errs = [jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), jnp.finfo(b.dtype).tiny)
+            for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old),
+                            strict=True)]
+    return functools.reduce(jnp.maximum, errs)
+
+
+def em_step(model, x, weights, hyper, tol, s: FitResult, axis_name=None,
+            param_tol=None) -> FitResult:
     """One EM iteration on the loop state: E-step at ``s.params``, record ℓ, M-step.
 
     A non-finite ℓ or non-finite new parameters set ``failed`` and keep the old parameters.
-    Shared by the ``while_loop`` of :func:`fit` and the ``scan`` of the unrolled fit.
+    ``converged`` is ``|ℓ − ℓ_prev| < tol`` and, when ``param_tol`` is given, also
+    :func:`relative_change` of the parameters ``<= param_tol``. Shared by the
+    ``while_loop`` of :func:`fit`, the implicit fit and the ``scan`` of the unrolled fit.
     """
     sharded = {} if axis_name is None else {"axis_name": axis_name}
     dtype = s.lower_bound.dtype
@@ -84,21 +97,26 @@ def _em_step(model, x, weights, hyper, tol, s: FitResult, axis_name=None) -> Fit
     params = jax.tree_util.tree_map(
         lambda new, old: jnp.where(ok, new, old).astype(old.dtype), new_params, s.params
     )
+    converged = ok & (jnp.abs(ll - s.lower_bound) < tol)
+    if param_tol is not None:
+        converged = converged & (relative_change(new_params, s.params) <= param_tol)
     return FitResult(
         params=params,
         lower_bound=jnp.where(ll_ok, ll, s.lower_bound),
         lower_bounds=jnp.where(ll_ok, s.lower_bounds.at[s.n_iter].set(ll), s.lower_bounds),
         n_iter=s.n_iter + ll_ok.astype(jnp.int32),
-        converged=ok & (jnp.abs(ll - s.lower_bound) < tol),
+        converged=converged,
         failed=~ok,
     )
 
 
-def _initial_state(params, n_history: int) -> FitResult:
+def initial_state(params, n_history: int, lower_bound=-jnp.inf) -> FitResult:
+    """The loop state before the first iteration; ``lower_bound`` is the ℓ the first
+    iteration's change is measured from (-inf: a fresh fit; a warm start passes its last)."""
     dtype = _ll_dtype(params)
     return FitResult(
         params=params,
-        lower_bound=jnp.asarray(-jnp.inf, dtype),
+        lower_bound=jnp.asarray(lower_bound, dtype),
         lower_bounds=jnp.full((max(n_history, 1),), jnp.nan, dtype),
         n_iter=jnp.asarray(0, jnp.int32),
         converged=jnp.asarray(False),
@@ -123,16 +141,20 @@ class _Progress:
                 self.fn(int(r), int(i), float(v), float(c))
 
 
-def _run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None,
-         progress: _Progress | None = None, restart=0) -> FitResult:
-    """The EM loop itself; traced inside jit (and vmap for restarts, shard_map for devices)."""
+def run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None,
+        progress: _Progress | None = None, restart=0, lower_bound=-jnp.inf,
+        param_tol=None) -> FitResult:
+    """The EM loop itself; traced inside jit (and vmap for restarts, shard_map for devices).
+
+    ``lower_bound`` and ``param_tol``: see :func:`initial_state` and :func:`em_step`.
+    """
     tol = jnp.asarray(tol, _ll_dtype(params))
 
     def cond(s: FitResult):
         return (s.n_iter < max_iter) & ~s.converged & ~s.failed
 
     def body(s: FitResult) -> FitResult:
-        new = _em_step(model, x, weights, hyper, tol, s, axis_name)
+        new = em_step(model, x, weights, hyper, tol, s, axis_name, param_tol)
         if progress is not None:
             active = cond(s) & (new.n_iter > s.n_iter)
             if axis_name is not None:  # one report, not one per device
@@ -142,7 +164,7 @@ def _run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None,
                                (new.lower_bound - s.lower_bound)[None])
         return new
 
-    out = jax.lax.while_loop(cond, body, _initial_state(params, max_iter))
+    out = jax.lax.while_loop(cond, body, initial_state(params, max_iter, lower_bound))
     return out._replace(lower_bounds=out.lower_bounds[:max_iter])
 
 
@@ -163,7 +185,7 @@ def _over_devices(fn, mesh: Mesh | None):
         specs = (P(_DATA, None), P(_DATA), *([P()] * len(rest)))
         # Replication of the outputs follows from the psum; the checker cannot see through
         # the model's E-step, so it is switched off.
-        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)(
             x, weights, *rest
         )
 
@@ -171,13 +193,15 @@ def _over_devices(fn, mesh: Mesh | None):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_iter", "mesh", "progress"))
-def _fit_jit(model, x, weights, params, tol, max_iter, hyper, mesh=None, progress=None):
+def _fit_jit(model, x, weights, params, tol, max_iter, hyper, mesh=None, progress=None,
+             lower_bound=-jnp.inf):
     axis = None if mesh is None else _DATA
 
-    def run(x, weights, params, tol, hyper):
-        return _run(model, x, weights, params, tol, max_iter, hyper, axis, progress)
+    def loop(x, weights, params, tol, hyper, lower_bound):
+        return run(model, x, weights, params, tol, max_iter, hyper, axis, progress,
+                   lower_bound=lower_bound)
 
-    return _over_devices(run, mesh)(x, weights, params, tol, hyper)
+    return _over_devices(loop, mesh)(x, weights, params, tol, hyper, lower_bound)
 
 
 @functools.partial(
@@ -196,13 +220,13 @@ def _restarts_jit(model, x, weights, key, tol, max_iter, n_init, n_components, i
     )(keys)
     axis = None if mesh is None else _DATA
 
-    def run(x, weights, params0, tol, hyper):
+    def loop(x, weights, params0, tol, hyper):
         return jax.vmap(
-            lambda p, r: _run(model, x, weights, p, tol, max_iter, hyper, axis, progress, r),
+            lambda p, r: run(model, x, weights, p, tol, max_iter, hyper, axis, progress, r),
             axis_name=_RESTARTS,
         )(params0, jnp.arange(n_init))
 
-    runs = _over_devices(run, mesh)(x, weights, params0, tol, hyper)
+    runs = _over_devices(loop, mesh)(x, weights, params0, tol, hyper)
     # Pick the best on device: highest lower bound; a restart that never produced a finite
     # bound cannot win.
     score = jnp.where(jnp.isfinite(runs.lower_bound), runs.lower_bound, -jnp.inf)
@@ -263,27 +287,76 @@ def _check_common(model, x, weights, tol, max_iter, hyper):
         hash(model)
     except TypeError as e:
         raise TypeError(f"model must be hashable (it is a static argument): {e}") from None
-    _validation.check_data(x, "x")
+    x = _validation.check_data(x, "x")
     if not _validation.is_traced(x):
         _validation.check_sample_weight(weights, np.shape(x)[0], "weights")
     _validation.check_int(max_iter, "max_iter", 0)
     if not _validation.is_traced(tol):
-        tol_value = float(np.asarray(tol))
-        if math.isnan(tol_value):
-            raise ValueError("tol must not be NaN")
+        _validation.check_real(tol, "tol", allow_negative_infinity=True)
     for name, value in hyper.items():
         _validation.check_real(value, name)
     if hasattr(model, "check_hyper"):
         model.check_hyper(**hyper)
+    return x
+
+
+class DriverInputs(NamedTuple):
+    """A driver's arguments, validated and converted to one floating dtype."""
+
+    x: jax.Array  # (N, D), sharded over the mesh when there is one
+    weights: jax.Array | None  # (N,)
+    tol: jax.Array  # ()
+    hyper: dict  # name -> () array; the model's defaults filled in
+    mesh: Mesh | None
+
+
+def prepare(model, x, params, *, weights=None, tol=1e-3, max_iter=0, hyper=None,
+            devices=False, ones=False) -> DriverInputs:
+    """Eager validation and conversion shared by every driver (fit, fit_restarts, the
+    differentiable fits), run in Python before anything is traced.
+
+    Args:
+      model: the model; its default hyperparameters fill in those not given (so passing or
+        omitting one gives one compilation) and its ``check_hyper``/``check_params`` run.
+      x: (N, D) data.
+      params: initial parameters, whose floating dtype the data take; ``None`` (restarts):
+        the data's own floating dtype.
+      weights: optional (N,) sample weights; ``ones=True`` makes them explicit.
+      tol, max_iter: the loop's tolerance and cap (checked).
+      hyper: M-step hyperparameters.
+      devices: ``False``: never shard; else :func:`fit`'s ``devices`` argument.
+    """
+    hyper = _with_defaults(model, hyper or {})
+    x = _check_common(model, x, weights, tol, max_iter, hyper)
+    if params is not None:
+        if not _validation.is_traced(params) and not all(
+            np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(params)
+        ):
+            raise ValueError("params contain NaN or infinite values")
+        if hasattr(model, "check_params"):
+            model.check_params(params, x)
+    dtype = _floating_dtype(x) if params is None else _ll_dtype(params)
+    mesh = None if devices is False else _mesh_for(model, x, devices)
+    if mesh is not None:
+        x, weights = _shard_data(np.asarray(x, dtype), weights, mesh)
+    x = _as_float(x, dtype)
+    if weights is None and ones:
+        weights = jnp.ones(x.shape[:1], dtype)
+    weights = None if weights is None else _as_float(weights, dtype)
+    hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
+    return DriverInputs(x, weights, jnp.asarray(tol, dtype), hyper, mesh)
+
+
+def _floating_dtype(x):
+    kind = x.dtype if isinstance(x, jax.Array) else np.asarray(x).dtype
+    dtype = kind if jnp.issubdtype(kind, jnp.floating) else jnp.result_type(float)
+    return jax.dtypes.canonicalize_dtype(dtype)
 
 
 def _as_float(x, dtype=None):
     """A floating JAX array. Host arrays go through ``device_put``: one copy of the data,
     where ``jnp.asarray`` makes two."""
-    if dtype is None:
-        kind = np.asarray(x).dtype if not isinstance(x, jax.Array) else x.dtype
-        dtype = kind if jnp.issubdtype(kind, jnp.floating) else jnp.result_type(float)
-    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    dtype = _floating_dtype(x) if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
     if isinstance(x, jax.Array):
         return x.astype(dtype)
     return jax.device_put(np.asarray(x, dtype))
@@ -299,6 +372,7 @@ def fit(
     max_iter: int = 100,
     devices=None,
     progress: Callable[[int, int, float, float], None] | None = None,
+    lower_bound: jax.typing.ArrayLike = -np.inf,
     **hyper,
 ) -> FitResult:
     """Run EM from ``params`` until convergence, as one compiled program.
@@ -317,26 +391,20 @@ def fit(
         the host after every iteration, from inside the compiled loop
         (``jax.debug.callback``; a hashable callable, e.g. a module-level function, so that
         the program is reused). Costs one host round trip per iteration.
+      lower_bound: the mean log-likelihood of the fit that this call continues (a warm
+        start, as scikit-learn's ``warm_start``): the first iteration's change is measured
+        from it, so convergence is seen across calls. ``-inf`` (default): a fresh fit.
       **hyper: hyperparameters of the model's M-step, e.g. ``reg_covar`` (traced).
 
     Returns:
       :class:`FitResult`.
     """
-    hyper = _with_defaults(model, hyper)
-    _check_common(model, x, weights, tol, max_iter, hyper)
-    if not _validation.is_traced(params) and not all(
-        np.all(np.isfinite(np.asarray(a))) for a in jax.tree_util.tree_leaves(params)
-    ):
-        raise ValueError("params contain NaN or infinite values")
-    dtype = _ll_dtype(params)
-    mesh = _mesh_for(model, x, devices)
-    if mesh is not None:
-        x, weights = _shard_data(np.asarray(x, dtype), weights, mesh)
-    x = _as_float(x, dtype)
-    weights = None if weights is None else _as_float(weights, dtype)
-    hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
-    return _fit_jit(model, x, weights, params, jnp.asarray(tol, dtype), max_iter, hyper,
-                    mesh=mesh, progress=None if progress is None else _Progress(progress))
+    _validation.check_real(lower_bound, "lower_bound", allow_negative_infinity=True)
+    inp = prepare(model, x, params, weights=weights, tol=tol, max_iter=max_iter, hyper=hyper,
+                  devices=devices)
+    return _fit_jit(model, inp.x, inp.weights, params, inp.tol, max_iter, inp.hyper,
+                    mesh=inp.mesh, progress=None if progress is None else _Progress(progress),
+                    lower_bound=jnp.asarray(lower_bound, inp.tol.dtype))
 
 
 def fit_restarts(
@@ -379,23 +447,17 @@ def fit_restarts(
     Returns:
       :class:`RestartsResult` with the best fit, its index, and every restart's result.
     """
-    hyper = _with_defaults(model, hyper)
-    _check_common(model, x, weights, tol, max_iter, hyper)
     _validation.check_int(n_components, "n_components", 1)
     _validation.check_int(n_init, "n_init", 1)
+    _validation.check_data(x, "x", min_samples=n_components)
     if hasattr(model, "with_batch"):
         model = model.with_batch(n_init, _RESTARTS)
-    _validation.check_data(x, "x", min_samples=n_components)
-    x = _as_float(x)
-    dtype = x.dtype
-    mesh = _mesh_for(model, x, devices)
-    if mesh is not None:
-        x, weights = _shard_data(x, weights, mesh)
-    weights = None if weights is None else _as_float(weights, dtype)
-    hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
+    inp = prepare(model, x, None, weights=weights, tol=tol, max_iter=max_iter, hyper=hyper,
+                  devices=devices)
+    dtype = inp.x.dtype
     init_kwargs = {k: jnp.asarray(v, dtype) for k, v in (init_kwargs or {}).items()}
     return _restarts_jit(
-        model, x, weights, key, jnp.asarray(tol, dtype), max_iter, n_init, n_components,
-        init_method, init_kwargs, hyper, mesh=mesh,
+        model, inp.x, inp.weights, key, inp.tol, max_iter, n_init, n_components,
+        init_method, init_kwargs, inp.hyper, mesh=inp.mesh,
         progress=None if progress is None else _Progress(progress),
     )

@@ -19,17 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxem import _validation, em, gmm, io
+from jaxem import _validation, elbo, em, gmm, io
 from jaxem._linalg import precisions_from_cholesky
 
 try:  # scikit-learn is an optional peer.
     from sklearn.base import BaseEstimator as _BaseEstimator
     from sklearn.base import DensityMixin as _DensityMixin
     from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
+    from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
     _BASES: tuple = (_DensityMixin, _BaseEstimator)
 except ImportError:  # pragma: no cover - exercised in environments without scikit-learn
     _SklearnConvergenceWarning = UserWarning
+
+    class _SklearnNotFittedError(ValueError, AttributeError):
+        """Stand-in for scikit-learn's ``NotFittedError`` (same bases)."""
 
     class _BaseEstimator:
         """Minimal ``get_params``/``set_params`` in scikit-learn's convention."""
@@ -65,8 +69,21 @@ class ConvergenceWarning(_SklearnConvergenceWarning):
     """
 
 
-class NotFittedError(ValueError, AttributeError):
-    """The estimator was used before ``fit``."""
+class NotFittedError(_SklearnNotFittedError):
+    """The estimator was used before ``fit``.
+
+    A subclass of scikit-learn's ``NotFittedError`` when scikit-learn is installed (so
+    ``except NotFittedError`` written against scikit-learn catches it), and always of
+    ``ValueError`` and ``AttributeError``.
+    """
+
+
+# scikit-learn's wording (sklearn.mixture), so that users and their tests meet one message.
+ILL_DEFINED_COVARIANCE = (
+    "some components have ill-defined empirical covariance (for instance caused by "
+    "singleton or collapsed samples). Try to decrease the number of components, increase "
+    "reg_covar, or scale the input data."
+)
 
 
 _log_joint = jax.jit(gmm.log_joint)
@@ -159,17 +176,16 @@ class GaussianMixture(*_BASES):
         return np.dtype(np.float64 if x64 else np.float32)
 
     def _check_X(self, X, min_samples=1, reset=False):
-        _validation.check_data(X, "X", min_samples=min_samples)
-        X = np.asarray(X)
+        X = _validation.check_data(X, "X", min_samples=min_samples)
         if reset:
-            return X.astype(self._dtype(X))
+            return np.asarray(X, self._dtype(X))
         self._check_is_fitted()
         if X.shape[1] != self.n_features_in_:
             raise ValueError(
-                f"X has {X.shape[1]} features, but {type(self).__name__} was fitted with "
-                f"{self.n_features_in_} features"
+                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
             )
-        return X.astype(self.params_.means.dtype)
+        return np.asarray(X, self.params_.means.dtype)
 
     def _check_is_fitted(self):
         if not hasattr(self, "params_"):
@@ -215,10 +231,13 @@ class GaussianMixture(*_BASES):
         dtype = X.dtype
         weights = None if sample_weight is None else np.asarray(sample_weight, dtype)
 
-        if self.warm_start and hasattr(self, "params_"):
+        if self._continues_warm_start(X.shape[1]):
+            # scikit-learn's warm start: one run continued across calls, so the first
+            # iteration's change is measured from the previous call's lower bound.
             result = em.fit(
                 model, X, self.params_, weights=weights, tol=self.tol, max_iter=self.max_iter,
                 progress=progress, reg_covar=self.reg_covar,
+                lower_bound=self.lower_bound_ if np.isfinite(self.lower_bound_) else -np.inf,
             )
             self.fit_result_ = em.RestartsResult(
                 result, jnp.asarray(0), jax.tree_util.tree_map(lambda a: a[None], result)
@@ -236,14 +255,31 @@ class GaussianMixture(*_BASES):
         self._set_fitted(self.fit_result_.best, X.shape[1])
         return self
 
+    def _continues_warm_start(self, n_features: int) -> bool:
+        """Whether this ``fit`` continues the previous one (``warm_start``).
+
+        A change of the data's width is the caller's mistake and raises; a fit whose
+        ``n_components`` or ``covariance_type`` was changed since (``set_params``) starts
+        cold, never mixing the old parameters' shapes with the new settings.
+        """
+        if not (self.warm_start and hasattr(self, "params_")):
+            return False
+        if n_features != self.n_features_in_:
+            raise ValueError(
+                f"X has {n_features} features, but warm_start=True continues a fit with "
+                f"{self.n_features_in_} features; fit on data of the same width or set "
+                "warm_start=False"
+            )
+        return (self.params_.n_components == self.n_components
+                and self.params_.covariance_type == self.covariance_type)
+
     def _set_fitted(self, best: em.FitResult, n_features: int):
         n_iter = int(best.n_iter)
         failed = bool(best.failed)
         if failed and not bool(em._all_finite(best.params)):
             raise ValueError(
-                "Fitting the mixture model failed: the initial parameters already have an "
-                "ill-defined covariance (e.g. collapsed or duplicate samples). Increase "
-                "reg_covar, decrease n_components, or rescale the data."
+                "Fitting the mixture model failed because the initial parameters already "
+                "have an ill-defined covariance: " + ILL_DEFINED_COVARIANCE
             )
         self._store_params(best.params)
         self.converged_ = bool(best.converged)
@@ -257,9 +293,8 @@ class GaussianMixture(*_BASES):
                   f"after {n_iter} iterations: lower bound {self.lower_bound_:.6f}")
         if failed:
             warnings.warn(
-                f"EM stopped at iteration {n_iter + 1} on a non-finite value (a collapsed "
-                "component or singular covariance); the last finite parameters are kept. "
-                "Increase reg_covar or decrease n_components.",
+                f"EM stopped at iteration {n_iter + 1} on a non-finite value and kept the "
+                "last finite parameters: " + ILL_DEFINED_COVARIANCE,
                 ConvergenceWarning,
                 stacklevel=3,
             )
@@ -331,8 +366,7 @@ class GaussianMixture(*_BASES):
 
     def predict_proba(self, X):
         """(N, K) responsibilities ``p(z_n = k | x_n)``."""
-        lj = self._log_joint(X)
-        return np.asarray(jnp.exp(lj - jax.nn.logsumexp(lj, axis=1, keepdims=True)))
+        return np.asarray(jnp.exp(elbo.posterior(self._log_joint(X))))
 
     def sample(self, n_samples=1):
         """Draw ``n_samples`` samples; returns ``(X, y)`` sorted by component, as scikit-learn."""

@@ -18,12 +18,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 
 from jaxem import _validation
 from jaxem._linalg import (
     PRECISION,
     covariances_from_precision_cholesky,
     log_det_precision_cholesky,
+    n_covariance_parameters,
     precision_cholesky,
     precision_cholesky_from_precisions,
 )
@@ -429,7 +431,7 @@ def auto_chunk_size(
     return int(max(128, min(n_samples, budget // per_row)))
 
 
-def _blockwise_sum(fn, x: jax.Array, w: jax.Array, chunk: int):
+def _blockwise_sum(fn, x: jax.Array, w: jax.Array, chunk: int, axis_name: str | None = None):
     """``Σ_blocks fn(x_block, w_block)`` over blocks of ``chunk`` rows (a pytree of sums).
 
     Blocks are dynamic slices of ``x`` itself (no padded copy of the data). The last block is
@@ -451,6 +453,10 @@ def _blockwise_sum(fn, x: jax.Array, w: jax.Array, chunk: int):
 
     shapes = jax.eval_shape(fn, x[:chunk], w[:chunk])
     acc0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    if axis_name is not None:
+        # Inside shard_map the sum varies over the devices until it is psum'd: say so, so
+        # that the loop type-checks with check_vma on.
+        acc0 = jax.lax.pcast(acc0, axis_name, to="varying")
     return jax.lax.fori_loop(0, n_chunks, body, acc0)
 
 
@@ -479,7 +485,9 @@ def e_step(
       batch: number of parameter sets vmapped together (restarts); the automatic block
         size shrinks accordingly so the temporaries stay in cache.
       batch_axis: inside ``vmap(..., axis_name=batch_axis)`` over parameter sets, the axis
-        over which they agree on the path for the moments (one branch runs, not both).
+        over which they share one centre for the blocks (:func:`_shared_center`). Under any
+        vmap, named or not, the members agree on the path for the moments, so one branch
+        runs, not both (:func:`_all_batch_members`).
       moments: ``"product"``: diag/spherical take their second moments as matrix
         products about the mixture centre and fall back, for that iteration, to moments
         centred on each mean when the product's rounding would exceed
@@ -518,13 +526,8 @@ def _e_step(params, x, w, chunk_size, axis_name, batch_axis, moments):
 
     def sweep(exact=None, quad=None):
         block = jax.checkpoint(functools.partial(_e_step_block, exact=exact, c=c, quad=quad))
-        sums = _blockwise_sum(lambda xs, ws: block(params, xs, ws), x, w, chunk_size)
+        sums = _blockwise_sum(lambda xs, ws: block(params, xs, ws), x, w, chunk_size, axis_name)
         return sums if axis_name is None else jax.lax.psum(sums, axis_name)
-
-    def agree(ok):  # vmapped restarts take the same branch, so only one branch runs
-        if batch_axis is None:
-            return ok
-        return jax.lax.pmin(ok.astype(jnp.int32), batch_axis) > 0
 
     if moments == "auto":
         moments = "product" if _product_form_pays(x.shape[0], *params.means.shape,
@@ -533,7 +536,7 @@ def _e_step(params, x, w, chunk_size, axis_name, batch_axis, moments):
         exact = _likely_ill_conditioned(params, c)
         (nk, sum_x, sum_xx), total, ok = _product_moments(params, exact, *sweep(exact), c=c)
         (nk, sum_x, sum_xx), total = jax.lax.cond(
-            agree(ok), lambda: ((nk, sum_x, sum_xx), total), lambda: sweep()
+            _all_batch_members(ok), lambda: ((nk, sum_x, sum_xx), total), lambda: sweep()
         )
     elif cov_type == "full" and moments == "product":
         def fast():
@@ -546,9 +549,9 @@ def _e_step(params, x, w, chunk_size, axis_name, batch_axis, moments):
             return (zeros((k,)), zeros((k, d)), zeros((k, d, d))), zeros(()), jnp.array(False)
 
         ok = _quadratic_form_ok(params, c)
-        stats, total, ok = jax.lax.cond(agree(ok), fast, skipped)
+        stats, total, ok = jax.lax.cond(_all_batch_members(ok), fast, skipped)
         (nk, sum_x, sum_xx), total = jax.lax.cond(
-            agree(ok), lambda: (stats, total), lambda: sweep()
+            _all_batch_members(ok), lambda: (stats, total), lambda: sweep()
         )
     else:
         (nk, sum_x, sum_xx), total = sweep()
@@ -557,6 +560,26 @@ def _e_step(params, x, w, chunk_size, axis_name, batch_axis, moments):
         w_sum = jax.lax.psum(w_sum, axis_name)
     stats = GMMStats(nk, sum_x, sum_xx, params.means, params.covariance_type)
     return stats, total / w_sum
+
+
+@custom_batching.custom_vmap
+def _all_batch_members(ok: jax.Array) -> jax.Array:
+    """``ok`` itself; under any ``vmap`` (restarts, or a user's over datasets or
+    hyperparameters), whether it holds for *every* member, unbatched.
+
+    The fast-path guards are the predicates of ``lax.cond``s; a batched predicate turns a
+    ``cond`` into a ``select`` that runs both branches (the fast sweep and its fallback)
+    every iteration. Agreeing on one predicate keeps one branch: the fallback for all when
+    any member needs it, which is exact for every member.
+    """
+    return ok
+
+
+@_all_batch_members.def_vmap
+def _all_batch_members_vmap(axis_size, in_batched, ok):
+    del axis_size
+    # Called again on the reduced value, so that an enclosing vmap reduces over its axis too.
+    return (_all_batch_members(jnp.all(ok)) if in_batched[0] else ok), False
 
 
 def _shared_center(params: GMMParams, batch_axis: str | None) -> jax.Array:
@@ -571,11 +594,30 @@ def _shared_center(params: GMMParams, batch_axis: str | None) -> jax.Array:
     the data).
     """
     c = _center(params)
-    if batch_axis is None:
-        return c
-    ok = jnp.all(jnp.isfinite(c))
-    total, count = jax.lax.psum((jnp.where(ok, c, 0.0), ok.astype(c.dtype)), batch_axis)
-    return total / jnp.maximum(count, 1.0)
+    return c if batch_axis is None else _mean_over_restarts(c)
+
+
+@custom_batching.custom_vmap
+def _mean_over_restarts(c: jax.Array) -> jax.Array:
+    """``c`` itself; under the restarts' vmap (the innermost one), the mean of the finite
+    members' values, unbatched.
+
+    A batching rule rather than a ``psum`` over the restarts' axis name: the collective
+    over a vmap axis does not type-check inside ``shard_map`` with ``check_vma`` on. Only
+    the innermost vmap reduces (the rule does not call itself again): an outer vmap of the
+    user's, e.g. over datasets whose clouds differ, keeps one centre per dataset.
+    """
+    return c
+
+
+@_mean_over_restarts.def_vmap
+def _mean_over_restarts_vmap(axis_size, in_batched, c):
+    del axis_size
+    if not in_batched[0]:
+        return c, False
+    ok = jnp.all(jnp.isfinite(c), axis=1, keepdims=True)
+    total = jnp.sum(jnp.where(ok, c, 0.0), axis=0)
+    return total / jnp.maximum(jnp.sum(ok), 1).astype(c.dtype), False
 
 
 # Relative rounding accepted from the product form of the diag/spherical second moments.
@@ -690,7 +732,8 @@ def _quadratic_moments(params: GMMParams, moments, total, c=None):
     nk_eps = nk + 10 * eps
     offset = s1 / nk_eps[:, None]  # new mean − c
     cov = (s2 - s1[:, :, None] * offset[:, None, :]) / nk_eps[:, None, None]
-    risk = _quadratic_rounding(offset, cov, jnp.linalg.inv(cov))
+    # Λ through the precision factor (NaN if cov is not positive definite: then risky).
+    risk = _quadratic_rounding(offset, cov, _precision_matrices(precision_cholesky(cov, "full")))
     live = nk > 10 * eps * jnp.sum(nk)
     risky = live & ~(risk <= QUADRATIC_FORM_RTOL)  # NaN (a singular covariance) is risky
     return (nk, sum_x, sum_xx), total, ~jnp.any(risky)
@@ -738,13 +781,6 @@ def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams
 
 
 @jax.jit
-def posterior(params: GMMParams, x: jax.Array) -> jax.Array:
-    """(N, K) log responsibilities ``log p(z_n = k | x_n)``."""
-    lj = log_joint(params, x)
-    return lj - jax.nn.logsumexp(lj, axis=1, keepdims=True)
-
-
-@jax.jit
 def score_samples(params: GMMParams, x: jax.Array) -> jax.Array:
     """(N,) log densities ``log p(x_n)``."""
     return jax.nn.logsumexp(log_joint(params, x), axis=1)
@@ -753,13 +789,7 @@ def score_samples(params: GMMParams, x: jax.Array) -> jax.Array:
 def n_parameters(params: GMMParams) -> int:
     """Number of free parameters (for BIC/AIC), as scikit-learn counts them."""
     k, d = params.means.shape
-    cov = {
-        "full": k * d * (d + 1) // 2,
-        "tied": d * (d + 1) // 2,
-        "diag": k * d,
-        "spherical": k,
-    }[params.covariance_type]
-    return int(cov + k * d + k - 1)
+    return int(n_covariance_parameters(params.covariance_type, k, d) + k * d + k - 1)
 
 
 def _resp_init(key, x, w, n_components: int, method: str):
@@ -929,15 +959,41 @@ class GaussianMixtureModel:
             raise TypeError(f"unknown hyperparameter(s) for the GMM: {sorted(unknown)}")
         _validation.check_real(reg_covar, "reg_covar", minimum=0.0)
 
+    def check_params(self, params, x=None):
+        """Eager check that ``params`` are this model's (called by the drivers).
+
+        ``covariance_type`` travels statically with the params, so the same check also runs
+        when traced (see :meth:`e_step`): full params never run as a diag model.
+        """
+        if not isinstance(params, GMMParams):
+            return  # a subclass with params of its own checks them itself
+        if params.covariance_type != self.covariance_type:
+            raise ValueError(
+                f"params have covariance_type={params.covariance_type!r} but the model is "
+                f"GaussianMixtureModel({self.covariance_type!r}); build the model with the "
+                "params' covariance type or initialise params for this model"
+            )
+        if x is not None and np.ndim(x) == 2 and params.n_features != np.shape(x)[1]:
+            raise ValueError(
+                f"x has {np.shape(x)[1]} features but params have {params.n_features}"
+            )
+
     def log_joint(self, params: GMMParams, x: jax.Array) -> jax.Array:
+        self.check_params(params)
         return log_joint(params, x)
 
     def e_step(self, params: GMMParams, x: jax.Array, weights: jax.Array | None = None,
                axis_name: str | None = None):
+        self.check_params(params)
         return e_step(params, x, weights, chunk_size=self.chunk_size, axis_name=axis_name,
                       batch=self.batch, batch_axis=self.batch_axis, moments=self.moments)
 
     def m_step(self, stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
+        if stats.covariance_type != self.covariance_type:
+            raise ValueError(
+                f"stats have covariance_type={stats.covariance_type!r} but the model is "
+                f"GaussianMixtureModel({self.covariance_type!r})"
+            )
         return m_step(stats, reg_covar)
 
     def init(self, key, x, n_components: int, *, weights=None, method="kmeans", **kwargs):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxem import gmm
-from jaxem._linalg import COVARIANCE_TYPES
+from jaxem._linalg import COVARIANCE_TYPES, covariance_shape
 
 FORMAT = "jaxem-gmm"
 FORMAT_VERSION = 1
@@ -145,7 +145,7 @@ def _check(arrays: dict, where: str) -> None:
     if w.ndim != 1 or w.shape[0] < 1 or means.ndim != 2 or means.shape[0] != w.shape[0]:
         bad(f"weights {w.shape} and means {means.shape} do not describe K components")
     k, d = means.shape
-    expected = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[cov_type]
+    expected = covariance_shape(cov_type, k, d)
     for name in ("covariances", "precisions_cholesky"):
         if arrays[name].shape != expected:
             bad(f"{name} has shape {arrays[name].shape}, expected {expected} for "

@@ -39,10 +39,33 @@ def _prepare(x, weights):
     return x - offset, w, offset
 
 
+def _sampling_order(xc: jax.Array) -> jax.Array:
+    """(N,) a canonical order of the rows: by their projection on a fixed direction.
+
+    Drawing by inverse CDF in this order makes the seeding see the data as a weighted set,
+    not a list: a sample of weight 3 and three copies of it (or rows shuffled, or zero-weight
+    rows removed) cover the same interval of the CDF, so the same key picks the same
+    points. That is scikit-learn's sample-weight contract (weight = repetition).
+    """
+    d = xc.shape[1]
+    direction = jnp.cos(jnp.arange(1, d + 1, dtype=xc.dtype) * 0.7548776662466927)
+    return jnp.argsort(jnp.matmul(xc, direction, precision=PRECISION))
+
+
+def _draw(key, mass: jax.Array, order: jax.Array, shape=()) -> jax.Array:
+    """Row indices drawn with probability ∝ ``mass`` (N,) by inverse CDF over ``order``."""
+    cdf = jnp.cumsum(mass[order])
+    u = jax.random.uniform(key, shape, mass.dtype) * cdf[-1]
+    # side="right": a row of zero mass (an empty interval) is never drawn, even at u = 0.
+    pos = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), mass.shape[0] - 1)
+    return order[pos]
+
+
 def _plusplus(key, xc, x_sq, w, n_clusters: int, n_local_trials: int):
     n, d = xc.shape
+    order = _sampling_order(xc)
     key, first = jax.random.split(key)
-    idx0 = jax.random.choice(first, n, p=w / jnp.sum(w))
+    idx0 = _draw(first, w, order)
     centers = jnp.zeros((n_clusters, d), xc.dtype).at[0].set(xc[idx0])
     closest = _sq_distances(xc, x_sq, xc[idx0][None])[:, 0]
 
@@ -51,8 +74,8 @@ def _plusplus(key, xc, x_sq, w, n_clusters: int, n_local_trials: int):
         key, sub = jax.random.split(key)
         mass = w * closest
         # Where every point already sits on a centre (duplicates), sample by weight alone.
-        logits = jnp.where(jnp.sum(mass) > 0, jnp.log(mass), jnp.log(w))
-        cand = jax.random.categorical(sub, logits, shape=(n_local_trials,))
+        mass = jnp.where(jnp.sum(mass) > 0, mass, w)
+        cand = _draw(sub, mass, order, (n_local_trials,))
         d_cand = _sq_distances(xc, x_sq, xc[cand])  # (N, T)
         new_closest = jnp.minimum(closest[:, None], d_cand)
         best = jnp.argmin(jnp.sum(w[:, None] * new_closest, axis=0))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxem._linalg import full_covariance_matrices
+
 
 def _pyplot():
     try:
@@ -18,15 +20,8 @@ def _pyplot():
 
 def _full_covariances(params) -> np.ndarray:
     """(K, D, D) covariances whatever the covariance type."""
-    cov = np.asarray(params.covariances)
-    k, d = np.asarray(params.means).shape
-    if params.covariance_type == "full":
-        return cov
-    if params.covariance_type == "tied":
-        return np.broadcast_to(cov, (k, d, d))
-    if params.covariance_type == "diag":
-        return np.stack([np.diag(c) for c in cov])
-    return cov[:, None, None] * np.eye(d)[None]
+    k, d = np.shape(params.means)
+    return np.asarray(full_covariance_matrices(params.covariances, params.covariance_type, k, d))
 
 
 def _projection(x, params, dims):

@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from scipy.stats import multivariate_normal
 
+from jaxem._linalg import full_covariance_matrices
+
 
 def enable_x64(on: bool = True):
     """Context manager setting JAX's float64 mode (the API moved across JAX versions)."""
@@ -25,15 +27,10 @@ def tree_allclose(a, b, rtol=1e-7, atol=0.0) -> bool:
 
 
 def full_covariances(params) -> np.ndarray:
-    """(K, D, D) covariance matrices for any covariance type."""
-    cov = np.asarray(params.covariances, dtype=float)
-    k, d = np.asarray(params.means).shape
-    return {
-        "full": lambda: cov,
-        "tied": lambda: np.broadcast_to(cov, (k, d, d)),
-        "diag": lambda: np.stack([np.diag(c) for c in cov]),
-        "spherical": lambda: cov[:, None, None] * np.eye(d),
-    }[params.covariance_type]()
+    """(K, D, D) float64 covariance matrices for any covariance type."""
+    k, d = np.shape(params.means)
+    return np.asarray(full_covariance_matrices(np.asarray(params.covariances, float),
+                                               params.covariance_type, k, d), float)
 
 
 def log_joint_oracle(params, x) -> np.ndarray:

@@ -83,11 +83,17 @@ def test_elbo_at_e_step_q_equals_driver_log_likelihood(x64, rng, blobs, cov_type
         lj = gmm.log_joint(params, blobs)
         bound = elbo.elbo(lj, elbo.posterior(lj)) / n
         np.testing.assert_allclose(bound, result.lower_bounds[i], rtol=1e-10)
-        # A stale q (from the previous parameters) gives a strictly lower bound.
+        # A stale q (from the previous parameters) gives a strictly lower bound, lower by
+        # exactly KL(q_stale ‖ p(z | x, θ_new)), which is positive because θ moved.
         stats, _ = gmm.e_step(params, blobs)
         new = gmm.m_step(stats)
-        assert float(elbo.elbo(gmm.log_joint(new, blobs), elbo.posterior(lj))) <= float(
-            elbo.log_marginal(gmm.log_joint(new, blobs)))
+        lj_new = gmm.log_joint(new, blobs)
+        stale = float(elbo.elbo(lj_new, elbo.posterior(lj)))
+        log_p = float(elbo.log_marginal(lj_new))
+        kl = float(elbo.kl_to_posterior(lj_new, elbo.posterior(lj)))
+        assert kl > 1e-8 * abs(log_p)
+        assert stale < log_p
+        np.testing.assert_allclose(log_p - stale, kl, rtol=0, atol=1e-10 * abs(log_p))
         params = new
 
 
@@ -97,4 +103,4 @@ def test_kl_gap_closes_at_each_e_step_for_gmm(x64, rng):
     lj = gmm.log_joint(params, x)
     q_random = random_log_q(rng, 25, 3, 3.0, np.float64)
     assert float(elbo.kl_to_posterior(lj, q_random)) > 1e-3
-    assert abs(float(elbo.kl_to_posterior(lj, gmm.posterior(params, x)))) < 1e-12
+    assert abs(float(elbo.kl_to_posterior(lj, elbo.posterior(gmm.log_joint(params, x))))) < 1e-12

@@ -271,6 +271,7 @@ for ct in ["full", "tied", "diag", "spherical"]:
     np.testing.assert_allclose(one.lower_bounds, four.lower_bounds, rtol=1e-12)
 # diag: the driver's restarts × devices path plus the moments check agreed over both axes
 model = gmm.GaussianMixtureModel("diag", moments="product")
+params = gmm.init(jax.random.PRNGKey(0), x, 3, "diag", method="random")
 r1 = jaxem.fit_restarts(model, x, jax.random.PRNGKey(1), n_components=3, n_init=3,
                         init_method="random_from_data", devices=jax.devices()[:1])
 r4 = jaxem.fit_restarts(model, x, jax.random.PRNGKey(1), n_components=3, n_init=3,
@@ -285,6 +286,21 @@ def record(restart, iteration, ll, change):
 sharded = jaxem.fit(model, x, params, progress=record)
 jax.effects_barrier()
 assert [c[1] for c in calls] == list(range(1, int(sharded.n_iter) + 1))  # once, not per device
+
+
+class Forgetful(gmm.GaussianMixtureModel):
+    """Takes axis_name but never reduces over it: each device would keep its own answer."""
+
+    def e_step(self, params, x, weights=None, axis_name=None):
+        return super().e_step(params, x, weights)
+
+
+try:
+    jaxem.fit(Forgetful("diag"), x, params)
+except Exception as e:  # the replication check of shard_map
+    assert "data" in str(e), e
+else:
+    raise AssertionError("a model that forgets to psum must fail loudly when sharded")
 print("sharded ok")
 '''
 

@@ -194,9 +194,11 @@ def test_not_converged_warns(rng):
         (dict(max_iter=-1), None, ValueError, "max_iter"),
         (dict(n_init=0), None, ValueError, "n_init"),
         (dict(weights_init=[0.5, 0.5]), None, ValueError, "weights_init"),
-        (dict(weights_init=[0.5, 0.4, 0.3]), None, ValueError, "sum to 1"),
+        (dict(weights_init=[0.5, 0.4, 0.3]), None, ValueError,
+         "'weights_init' should be normalized"),
         (dict(means_init=np.zeros((3, 5))), None, ValueError, "means_init"),
-        (dict(precisions_init=np.zeros((3, 2, 2))), None, ValueError, "positive definite"),
+        (dict(precisions_init=np.zeros((3, 2, 2))), None, ValueError,
+         "'full precision' should be symmetric, positive-definite"),
         (dict(precisions_init=np.ones((2, 2, 2))), None, ValueError, "precisions_init"),
         (dict(covariance_type="diag", precisions_init=-np.ones((3, 2))), None, ValueError,
          "positive"),
@@ -218,7 +220,7 @@ def test_bad_input_raises_clear_error(rng, params, fit_x, error, match):
 @pytest.mark.parametrize(
     "weights, match",
     [(-np.ones(20), "non-negative"), (np.ones(5), "shape"), (np.full(20, np.nan), "NaN"),
-     (np.zeros(20), "positive sum")],
+     (np.zeros(20), "all zero")],
 )
 def test_bad_sample_weight(rng, weights, match):
     with pytest.raises(ValueError, match=match):
