@@ -276,7 +276,8 @@ class GaussianMixture(*_BASES):
     def _set_fitted(self, best: em.FitResult, n_features: int):
         n_iter = int(best.n_iter)
         failed = bool(best.failed)
-        if failed and not bool(em._all_finite(best.params)):
+        if failed and not all(np.all(np.isfinite(np.asarray(a)))
+                              for a in jax.tree_util.tree_leaves(best.params)):
             raise ValueError(
                 "Fitting the mixture model failed because the initial parameters already "
                 "have an ill-defined covariance: " + ILL_DEFINED_COVARIANCE

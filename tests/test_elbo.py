@@ -104,3 +104,28 @@ def test_kl_gap_closes_at_each_e_step_for_gmm(x64, rng):
     q_random = random_log_q(rng, 25, 3, 3.0, np.float64)
     assert float(elbo.kl_to_posterior(lj, q_random)) > 1e-3
     assert abs(float(elbo.kl_to_posterior(lj, elbo.posterior(gmm.log_joint(params, x))))) < 1e-12
+
+
+def test_gradients_are_finite_where_q_has_exact_zeros(x64, rng):
+    # One-hot rows (q = 0 exactly: log q = -inf) are what a hard assignment gives. The
+    # derivative of Σ q·f(log q) with respect to log q_nk is q_nk·(f + f'), which is 0 where
+    # q_nk = 0: the gradients must be that, not 0·(−inf) = NaN.
+    lj = jnp.asarray(rng.normal(size=(6, 3)))
+    labels = rng.integers(0, 3, size=6)
+    log_q = jnp.where(jax.nn.one_hot(labels, 3) > 0, 0.0, -jnp.inf)
+    q = np.asarray(jnp.exp(log_q))
+    post = np.asarray(elbo.posterior(lj))
+    expected = {  # d/d log_q of each quantity, by hand
+        "entropy": -q * (np.where(q > 0, np.asarray(log_q), 0.0) + 1.0),
+        "elbo": q * (np.asarray(lj) - 1.0),
+        "kl_to_posterior": q * (1.0 - post),
+    }
+    for name, want in expected.items():
+        fn = getattr(elbo, name)
+        args = (log_q,) if name == "entropy" else (lj, log_q)
+        g = jax.grad(lambda a, fn=fn, args=args: fn(*args[:-1], a))(log_q)
+        assert np.all(np.isfinite(np.asarray(g))), name
+        np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-12, err_msg=name)
+    # and with respect to the log-joint, through the posterior
+    g = jax.grad(lambda lj: elbo.kl_to_posterior(lj, log_q))(lj)
+    assert np.all(np.isfinite(np.asarray(g)))

@@ -168,6 +168,55 @@ def test_fit_composes_with_jit_and_vmap_over_datasets(rng):
     np.testing.assert_allclose(batched, single, rtol=1e-5)
 
 
+def _count_conds(jaxpr) -> int:
+    """``cond`` primitives in a jaxpr and every jaxpr nested in it."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "cond"
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count_conds(inner)
+    return n
+
+
+@pytest.mark.parametrize("cov_type", ["full", "diag"])
+def test_fast_path_guards_stay_conds_under_a_user_vmap(rng, cov_type):
+    # The product forms are guarded by lax.conds. Under a vmap over datasets their
+    # predicates would be batched, turning each cond into a select that runs the fast sweep
+    # *and* its fallback every iteration. The members agree on one predicate instead: the
+    # vmapped program keeps every cond of the single one, and each dataset still gets its
+    # own fit.
+    model = gmm.GaussianMixtureModel(cov_type, moments="product")
+    xs = np.stack([make_blobs(rng, n_per=40, k=2, d=2) for _ in range(3)]).astype(np.float32)
+    params = gmm.init(jax.random.PRNGKey(0), xs[0], 2, cov_type)
+
+    def one(x):
+        return jaxem.fit(model, x, params, tol=-1.0, max_iter=5).params.means
+
+    single = _count_conds(jax.make_jaxpr(one)(xs[0]).jaxpr)
+    batched = _count_conds(jax.make_jaxpr(jax.vmap(one))(jnp.asarray(xs)).jaxpr)
+    assert single >= 1 and batched == single
+    got = jax.jit(jax.vmap(one))(jnp.asarray(xs))
+    for x, means in zip(xs, got, strict=True):
+        np.testing.assert_allclose(means, one(x), rtol=1e-5, atol=1e-6)
+
+
+def test_params_of_another_covariance_type_are_refused(rng):
+    x = rng.normal(size=(30, 2))
+    full = gmm.init(jax.random.PRNGKey(0), x, 2, "full")
+    diag_model = gmm.GaussianMixtureModel("diag")
+    with pytest.raises(ValueError, match="covariance_type='full' but the model is"):
+        jaxem.fit(diag_model, x, full)
+    with pytest.raises(ValueError, match="covariance_type='full' but the model is"):
+        jaxem.fit_unrolled(diag_model, x, full, n_steps=2)
+    with pytest.raises(ValueError, match="covariance_type='full' but the model is"):
+        jax.jit(lambda p: diag_model.e_step(p, x))(full)  # static: also when traced
+    with pytest.raises(ValueError, match="x has 3 features but params have 2"):
+        jaxem.fit(gmm.GaussianMixtureModel("full"), np.ones((30, 3)), full)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

@@ -122,15 +122,80 @@ def test_sample_weight_equals_repeated_rows(rng):
     np.testing.assert_allclose(a.covariances_, b.covariances_, rtol=1e-8)
 
 
-def test_warm_start_continues_from_previous_fit(rng):
+def test_warm_start_continues_the_same_run(rng):
+    # Two warm calls of 3 iterations are one run of 6: the same parameters and bounds. A warm
+    # start that re-initialised (or ignored warm_start) would start again from k-means.
     x = make_blobs(rng)
-    gm = GaussianMixture(3, max_iter=2, tol=-1.0, warm_start=True, random_state=0)
-    with pytest.warns(ConvergenceWarning):
-        gm.fit(x)
-    first = gm.lower_bound_
-    with pytest.warns(ConvergenceWarning):
-        gm.fit(x)
-    assert gm.lower_bound_ >= first
+    with enable_x64():
+        one = GaussianMixture(3, max_iter=6, tol=-1.0, random_state=0)
+        with pytest.warns(ConvergenceWarning):
+            one.fit(x)
+        warm = GaussianMixture(3, max_iter=3, tol=-1.0, warm_start=True, random_state=0)
+        with pytest.warns(ConvergenceWarning):
+            warm.fit(x)
+        first = warm.lower_bounds_.copy()
+        with pytest.warns(ConvergenceWarning):
+            warm.fit(x)
+    np.testing.assert_allclose(np.concatenate([first, warm.lower_bounds_]), one.lower_bounds_,
+                               rtol=1e-12)
+    np.testing.assert_allclose(warm.means_, one.means_, rtol=1e-12)
+    np.testing.assert_allclose(warm.covariances_, one.covariances_, rtol=1e-12)
+
+
+def test_warm_start_detects_convergence_across_calls(rng):
+    # scikit-learn's contract: fit(max_iter=1) repeated with warm_start eventually converges,
+    # because each call's change is measured from the previous call's lower bound.
+    x = make_blobs(rng)
+    gm = GaussianMixture(3, max_iter=1, warm_start=True, random_state=0)
+    bounds = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for _ in range(100):
+            gm.fit(x)
+            bounds.append(gm.lower_bound_)
+            if gm.converged_:
+                break
+    assert gm.converged_ and 2 < len(bounds) < 100
+    assert abs(bounds[-1] - bounds[-2]) < gm.tol  # converged on the change across calls
+    assert np.all(np.diff(bounds) > -1e-5 * np.abs(bounds[1:]))  # one continued ascent
+
+
+def test_warm_start_with_other_width_raises_and_changed_shape_starts_cold(rng):
+    x = make_blobs(rng)
+    gm = GaussianMixture(3, warm_start=True, random_state=0).fit(x)
+    with pytest.raises(ValueError, match="X has 3 features, but warm_start=True continues"):
+        gm.fit(np.column_stack([x, x[:, :1]]))
+    # A changed n_components or covariance_type cannot continue the old parameters: the fit
+    # starts cold and every attribute has the new shapes.
+    gm.set_params(n_components=2).fit(x)
+    assert gm.means_.shape == (2, 2) and gm.covariances_.shape == (2, 2, 2)
+    gm.set_params(covariance_type="diag").fit(x)
+    assert gm.covariances_.shape == (2, 2) and gm.precisions_cholesky_.shape == (2, 2)
+
+
+def test_sklearn_exception_classes_are_raised(rng):
+    from sklearn.exceptions import ConvergenceWarning as SkConvergenceWarning
+    from sklearn.exceptions import NotFittedError as SkNotFittedError
+
+    try:
+        GaussianMixture(2).predict(rng.normal(size=(5, 2)))
+    except SkNotFittedError as e:
+        assert isinstance(e, jaxem.estimator.NotFittedError) and isinstance(e, AttributeError)
+    else:
+        raise AssertionError("predict before fit must raise NotFittedError")
+    with pytest.warns(SkConvergenceWarning):
+        GaussianMixture(3, max_iter=1, random_state=0).fit(make_blobs(rng))
+
+
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+
+@parametrize_with_checks([GaussianMixture(n_components=2, max_iter=20, random_state=0)])
+def test_sklearn_estimator_checks(estimator, check):
+    # scikit-learn's own contract for estimators, every check, in float64 as scikit-learn.
+    with enable_x64(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
 
 
 def test_x64_input_selects_float64_only_in_x64_mode(rng):
@@ -231,7 +296,7 @@ def test_predict_before_fit_and_wrong_width(rng):
     with pytest.raises(ValueError, match="not fitted"):
         GaussianMixture(2).predict(rng.normal(size=(5, 2)))
     gm = GaussianMixture(2, random_state=0).fit(rng.normal(size=(30, 2)))
-    with pytest.raises(ValueError, match="features"):
+    with pytest.raises(ValueError, match="X has 3 features, but GaussianMixture is expecting 2"):
         gm.predict(rng.normal(size=(5, 3)))
 
 

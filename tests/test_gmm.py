@@ -285,12 +285,49 @@ def test_sample_moments(rng, cov_type):
 
 
 @pytest.mark.parametrize("method", ["kmeans", "k-means++", "random", "random_from_data"])
-@pytest.mark.parametrize("cov_type", COV_TYPES)
-def test_init_methods_give_valid_params(blobs, method, cov_type):
-    params = gmm.init(jax.random.PRNGKey(0), blobs.astype(np.float32), 3, cov_type, method=method)
-    assert params.means.shape == (3, 2)
-    assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(params))
-    np.testing.assert_allclose(params.weights.sum(), 1.0, rtol=1e-6)
+def test_init_is_one_m_step_from_the_methods_responsibilities(x64, blobs, method):
+    # Each method gives responsibilities (hard for the first three, soft for random), and the
+    # initial params are exactly the M-step of them: check the means and covariances by hand.
+    from jaxem import kmeans
+
+    key = jax.random.PRNGKey(3)
+    params = gmm.init(key, blobs, 3, "full", method=method, reg_covar=1e-6)
+    x = np.asarray(blobs)
+    if method == "kmeans":
+        labels = np.asarray(kmeans.kmeans(key, blobs, 3).labels)
+    elif method == "k-means++":
+        labels = np.asarray(kmeans.nearest_center(blobs, kmeans.kmeans_plusplus(key, blobs, 3)))
+    if method in ("kmeans", "k-means++"):
+        for k in range(3):
+            xk = x[labels == k]
+            np.testing.assert_allclose(params.means[k], xk.mean(0), rtol=1e-12)
+            cov = np.cov(xk.T, bias=True) + 1e-6 * np.eye(2)
+            np.testing.assert_allclose(params.covariances[k], cov, rtol=1e-10)
+            np.testing.assert_allclose(params.weights[k], len(xk) / len(x), rtol=1e-12)
+    elif method == "random_from_data":  # one sample per component: its mean is that sample
+        dist = np.abs(x[None] - np.asarray(params.means)[:, None]).sum(-1).min(1)
+        np.testing.assert_array_equal(dist, 0.0)
+        np.testing.assert_allclose(params.covariances, np.stack([1e-6 * np.eye(2)] * 3),
+                                   rtol=1e-9)
+    else:  # soft uniform responsibilities: every mean is a weighted average of the data
+        assert np.all((params.means >= x.min(0)) & (params.means <= x.max(0)))
+        assert np.all(np.linalg.eigvalsh(np.asarray(params.covariances)) > 1e-6)
+    np.testing.assert_allclose(params.weights.sum(), 1.0, rtol=1e-12)
+
+
+def test_init_responsibilities_are_shared_by_the_covariance_types(x64, blobs):
+    # The covariance type only changes the M-step: the four give the same means and weights,
+    # and covariances that are the structured versions of the full ones.
+    key = jax.random.PRNGKey(3)
+    full = gmm.init(key, blobs, 3, "full")
+    for cov_type in ("tied", "diag", "spherical"):
+        p = gmm.init(key, blobs, 3, cov_type)
+        np.testing.assert_allclose(p.means, full.means, rtol=1e-12)
+        np.testing.assert_allclose(p.weights, full.weights, rtol=1e-12)
+    diag = gmm.init(key, blobs, 3, "diag")
+    np.testing.assert_allclose(diag.covariances,
+                               np.diagonal(np.asarray(full.covariances), axis1=1, axis2=2),
+                               rtol=1e-10)
 
 
 def test_init_overrides(blobs):

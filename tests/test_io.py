@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from conftest import make_blobs
-from helpers import tree_allclose
+from helpers import random_params, tree_allclose
 
 import jaxem
 from jaxem import io
@@ -133,3 +133,43 @@ def test_save_refuses_what_it_cannot_write(tmp_path):
         jaxem.GaussianMixture(2).save(tmp_path / "m.npz")
     with pytest.raises(TypeError, match="GMMParams"):
         jaxem.save(tmp_path / "m.npz", {"weights": [1.0]})
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_every_way_of_building_params_saves_and_loads(tmp_path, cov_type):
+    # One precision-factor convention everywhere (upper triangular, scikit-learn's fitted
+    # precisions_cholesky_): params from covariances, from precisions, from an
+    # initialisation given precisions_init, from a fit and from an estimator all save, load
+    # and give the same factor as inv(chol(Σ))ᵀ.
+    import jax
+
+    from jaxem import gmm
+    from jaxem._linalg import precisions_from_cholesky
+
+    rng = np.random.default_rng(1)
+    x = make_blobs(rng, n_per=40, k=2, d=3)
+    base = random_params(rng, 2, 3, cov_type)
+    precisions = np.asarray(precisions_from_cholesky(base.precisions_cholesky, cov_type))
+    built = {
+        "covariances": gmm.make_params(base.weights, base.means, base.covariances, cov_type),
+        "precisions": gmm.make_params(base.weights, base.means, covariance_type=cov_type,
+                                      precisions=precisions),
+        "init": gmm.init(jax.random.PRNGKey(0), x, 2, cov_type, precisions_init=precisions),
+        "fit": jaxem.fit(gmm.GaussianMixtureModel(cov_type), x, base, max_iter=3).params,
+        "estimator": jaxem.GaussianMixture(2, covariance_type=cov_type, max_iter=0,
+                                           precisions_init=precisions, random_state=0).fit(x),
+    }
+    for how, model in built.items():
+        path = jaxem.save(tmp_path / f"{how}.npz", model)
+        params = model.params_ if how == "estimator" else model
+        loaded = jaxem.load(path)
+        assert tree_allclose(loaded, params, rtol=0), how
+        if cov_type in ("full", "tied"):
+            cov = np.asarray(params.covariances, float)
+            expected = np.swapaxes(np.linalg.inv(np.linalg.cholesky(cov)), -1, -2)
+            np.testing.assert_allclose(np.asarray(params.precisions_cholesky), expected,
+                                       rtol=1e-4, atol=1e-5, err_msg=how)
+        if how in ("precisions", "init", "estimator"):
+            np.testing.assert_allclose(
+                precisions_from_cholesky(loaded.precisions_cholesky, cov_type), precisions,
+                rtol=1e-4, err_msg=how)
