@@ -1,6 +1,6 @@
 """jaxem: Expectation-Maximization in JAX, with the Gaussian mixture as its flagship."""
 
-from jaxem import differentiable, elbo, gmm, io, kmeans
+from jaxem import differentiable, elbo, gmm, io, kmeans, sgd
 from jaxem.differentiable import (
     GradientWarning,
     envelope_log_likelihood,
@@ -11,6 +11,7 @@ from jaxem.em import FitResult, RestartsResult, fit, fit_restarts
 from jaxem.estimator import ConvergenceWarning, GaussianMixture
 from jaxem.gmm import GaussianMixtureModel, GMMParams, GMMStats
 from jaxem.io import ModelFileError, load, save
+from jaxem.sgd import SGDResult, fit_sgd
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "GradientWarning",
     "ModelFileError",
     "RestartsResult",
+    "SGDResult",
     "__version__",
     "differentiable",
     "elbo",
@@ -31,10 +33,12 @@ __all__ = [
     "fit",
     "fit_implicit",
     "fit_restarts",
+    "fit_sgd",
     "fit_unrolled",
     "gmm",
     "io",
     "kmeans",
     "load",
     "save",
+    "sgd",
 ]

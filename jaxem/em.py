@@ -28,6 +28,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +57,8 @@ class RestartsResult(NamedTuple):
     restarts: FitResult  # every restart, fields with leading axis (n_init,)
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
+    """Whether every leaf of a pytree is finite (traced: a () bool array)."""
     leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)]
     return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
 
@@ -90,10 +92,14 @@ def em_step(model, x, weights, hyper, tol, s: FitResult, axis_name=None,
     sharded = {} if axis_name is None else {"axis_name": axis_name}
     dtype = s.lower_bound.dtype
     stats, ll = model.e_step(s.params, x, weights, **sharded)
-    ll = ll.astype(dtype)
     new_params = model.m_step(stats, **hyper)
+    # The model contract, checked when traced (no run-time cost): one log-likelihood, and
+    # new params of the very structure and shapes the E-step read.
+    chex.assert_shape(ll, ())
+    chex.assert_trees_all_equal_shapes(new_params, s.params)
+    ll = ll.astype(dtype)
     ll_ok = jnp.isfinite(ll)
-    ok = ll_ok & _all_finite(new_params)
+    ok = ll_ok & all_finite(new_params)
     params = jax.tree_util.tree_map(
         lambda new, old: jnp.where(ok, new, old).astype(old.dtype), new_params, s.params
     )
@@ -120,7 +126,7 @@ def initial_state(params, n_history: int, lower_bound=-jnp.inf) -> FitResult:
         lower_bounds=jnp.full((max(n_history, 1),), jnp.nan, dtype),
         n_iter=jnp.asarray(0, jnp.int32),
         converged=jnp.asarray(False),
-        failed=~_all_finite(params),
+        failed=~all_finite(params),
     )
 
 

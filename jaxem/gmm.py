@@ -1003,3 +1003,31 @@ class GaussianMixtureModel:
 
     def n_parameters(self, params: GMMParams) -> int:
         return n_parameters(params)
+
+    def to_unconstrained(self, params: GMMParams) -> dict:
+        """Parameters as free arrays for gradient-based fits (:func:`jaxem.fit_sgd`).
+
+        Log-weights; means; the precision Cholesky factor's log-diagonal and strict upper
+        triangle (full/tied), or log of it (diag/spherical). Every array of the right
+        shape maps back to valid parameters (:meth:`from_unconstrained`).
+        """
+        self.check_params(params)
+        pc = params.precisions_cholesky
+        u = {"log_weights": jnp.log(params.weights), "means": params.means}
+        if self.covariance_type in ("full", "tied"):
+            u["log_diag"] = jnp.log(jnp.diagonal(pc, axis1=-2, axis2=-1))
+            u["upper"] = jnp.triu(pc, 1)
+        else:
+            u["log_precision_cholesky"] = jnp.log(pc)
+        return u
+
+    def from_unconstrained(self, u: dict) -> GMMParams:
+        """Valid :class:`GMMParams` from the free arrays of :meth:`to_unconstrained`."""
+        cov_type = self.covariance_type
+        if cov_type in ("full", "tied"):
+            pc = jnp.triu(u["upper"], 1) + jnp.exp(u["log_diag"])[..., None] * jnp.eye(
+                u["log_diag"].shape[-1], dtype=u["log_diag"].dtype)
+        else:
+            pc = jnp.exp(u["log_precision_cholesky"])
+        return GMMParams(jax.nn.softmax(u["log_weights"]), u["means"],
+                         covariances_from_precision_cholesky(pc, cov_type), pc, cov_type)
