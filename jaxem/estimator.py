@@ -190,7 +190,8 @@ class GaussianMixture(*_BASES):
     def _check_is_fitted(self):
         if not hasattr(self, "params_"):
             raise NotFittedError(
-                f"This {type(self).__name__} instance is not fitted yet; call 'fit' first."
+                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with "
+                "appropriate arguments before using this estimator."
             )
 
     def _check_inits(self, n_features: int) -> dict:
@@ -372,7 +373,10 @@ class GaussianMixture(*_BASES):
     def sample(self, n_samples=1):
         """Draw ``n_samples`` samples; returns ``(X, y)`` sorted by component, as scikit-learn."""
         self._check_is_fitted()
-        _validation.check_int(n_samples, "n_samples", 1)
+        _validation.check_int(n_samples, "n_samples", 0)
+        if n_samples < 1:
+            raise ValueError(f"Invalid value for 'n_samples': {n_samples} . The sampling "
+                             "requires at least one sample.")
         key = jax.random.PRNGKey(_seed(self.random_state))
         x, labels = _sample(key, self.params_, n_samples=n_samples)
         return np.asarray(x), np.asarray(labels)

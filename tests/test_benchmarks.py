@@ -50,3 +50,15 @@ def test_bench_grid_smoke():
     assert [r.split("|")[1].strip() for r in rows[1:]] == [
         "full, 3, 2", "full, 3, 3", "diag, 3, 2", "diag, 3, 3"]
     assert all(r.count("|") == rows[0].count("|") for r in rows)
+
+
+def test_bench_sgd_smoke():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_sgd.py"), "--smoke"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| method | iterations to target |")
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["EM", "adam lr=0.03"]
+    assert rows[2].split("|")[2].strip().isdigit()  # EM reaches its own target

@@ -327,3 +327,44 @@ def test_singular_start_without_reg_covar_is_reported(rng):
     const = np.column_stack([rng.normal(size=60), np.full(60, 7.0)])
     with pytest.raises(ValueError, match="reg_covar"):
         GaussianMixture(2, reg_covar=0.0, random_state=0).fit(const)
+
+
+def test_behaves_as_sklearn_where_its_users_rely_on_it(rng):
+    # Facts from scikit-learn's own mixture tests, checked on jaxem with our data.
+    from sklearn.exceptions import NotFittedError as SkNotFittedError
+
+    x = make_blobs(rng, n_per=50, k=2, d=2)
+    gm = GaussianMixture(2, random_state=0)
+    for method in ("score", "score_samples", "predict", "predict_proba"):
+        with pytest.raises(SkNotFittedError, match="This GaussianMixture instance is not "
+                           "fitted yet. Call 'fit' with appropriate arguments"):
+            getattr(gm, method)(x)
+    with pytest.raises(SkNotFittedError):
+        gm.sample(0)  # not fitted is said before the bad n_samples
+    gm.fit(x)
+    with pytest.raises(ValueError, match="Invalid value for 'n_samples'"):
+        gm.sample(0)
+    # max_iter=0 hands back the initialisation
+    means = [[20.0, 30.0], [30.0, 25.0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        zero = GaussianMixture(2, means_init=means, max_iter=0, random_state=0).fit(x)
+    np.testing.assert_allclose(zero.means_, means)
+    # one component on three samples fits and samples
+    one = GaussianMixture(1).fit(rng.normal(size=(3, 2)))
+    assert one.sample()[0].shape == (1, 2)
+    # fitted precisions are the inverse covariances, for every type
+    for cov_type in COV_TYPES:
+        g = GaussianMixture(2, covariance_type=cov_type, random_state=0).fit(x)
+        cov, prec = g.covariances_, g.precisions_
+        if cov_type in ("full", "tied"):
+            np.testing.assert_allclose(prec, np.linalg.inv(cov), rtol=1e-3, atol=1e-6)
+        else:
+            np.testing.assert_allclose(prec, 1.0 / cov, rtol=1e-5)
+    # a longer fit scores higher than one iteration from the same (poor) start
+    kw = dict(reg_covar=0, means_init=x[:2], random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        short = GaussianMixture(2, max_iter=1, **kw).fit(x)
+        long = GaussianMixture(2, max_iter=300, **kw).fit(x)
+    assert long.score(x) > short.score(x) + 1e-3
