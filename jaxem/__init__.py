@@ -8,7 +8,7 @@ from jaxem.differentiable import (
     fit_unrolled,
 )
 from jaxem.em import FitResult, RestartsResult, fit, fit_restarts
-from jaxem.estimator import ConvergenceWarning, GaussianMixture
+from jaxem.estimator import ConvergenceWarning, GaussianMixture, PrecisionWarning
 from jaxem.gmm import GaussianMixtureModel, GMMParams, GMMStats
 from jaxem.io import ModelFileError, load, save
 from jaxem.sgd import SGDResult, fit_sgd
@@ -24,6 +24,7 @@ __all__ = [
     "GaussianMixtureModel",
     "GradientWarning",
     "ModelFileError",
+    "PrecisionWarning",
     "RestartsResult",
     "SGDResult",
     "__version__",

@@ -8,6 +8,7 @@ call them stay usable under ``jit``/``vmap``/``grad``.
 from __future__ import annotations
 
 import numbers
+import os
 
 import jax
 import numpy as np
@@ -138,6 +139,25 @@ def all_finite(x, block_rows: int = 1 << 18) -> bool:
             return bool(_jit_all_finite(x))
     arr = np.asarray(x)
     return all(np.isfinite(arr[i:i + block_rows]).all() for i in range(0, len(arr), block_rows))
+
+
+def physical_memory() -> int:
+    """Bytes of memory of this machine (a conservative 16 GiB where the OS will not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX systems
+        return 16 * 2**30
+
+
+def check_allocation(n_bytes: int, what: str, hint: str = "") -> None:
+    """Refuse, before allocating, an array that could not fit: an allocation that fails
+    inside XLA aborts the process instead of raising."""
+    limit = physical_memory() // 2
+    if n_bytes > limit:
+        raise ValueError(
+            f"{what} would need {n_bytes / 2**30:.3g} GiB, more than half of this machine's "
+            f"memory ({physical_memory() / 2**30:.3g} GiB){'; ' + hint if hint else ''}"
+        )
 
 
 def check_sample_weight(weights, n_samples: int, name: str = "sample_weight"):

@@ -25,6 +25,8 @@ import numpy as np
 
 from jaxem._linalg import COVARIANCE_TYPES
 
+_FLOAT32_SQRT_MAX = float(np.sqrt(np.float64(np.finfo(np.float32).max)))  # ~1.8e19
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit status 2)."""
@@ -36,36 +38,67 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- data files
 
 
-def _split_columns(spec: str | None) -> list[str] | None:
+def _split_columns(spec: str | None, flag: str = "--columns") -> list[str] | None:
     if spec is None:
         return None
     cols = [c.strip() for c in spec.split(",") if c.strip()]
     if not cols:
-        raise ValueError("--columns is empty")
+        raise ValueError(f"{flag} is empty")
     return cols
 
 
-def _pick_columns(x: np.ndarray, names: list[str] | None, cols: list[str] | None, path):
-    if cols is None:
-        return x
+def _column_indices(spec: list[str], names: list[str] | None, width: int, path,
+                    flag: str) -> list[int]:
+    """Indices named by a list of column indices, header names and ranges ``a:b`` (Python's
+    slice: ``b`` excluded, either end may be left out, negative counts from the end)."""
     idx = []
-    for c in cols:
-        if c.lstrip("-").isdigit():
+    for c in spec:
+        if ":" in c:
+            parts = c.split(":")
+            if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() or not p.strip()
+                                          for p in parts):
+                raise ValueError(f"{flag}: {c!r} is not a range a:b of column indices")
+            lo, hi = (int(p) if p.strip() else None for p in parts)
+            chosen = list(range(width))[lo:hi]
+            if not chosen:
+                raise ValueError(f"{flag}: the range {c!r} selects no column of {path} "
+                                 f"({width} columns)")
+            idx.extend(chosen)
+        elif c.lstrip("-").isdigit():
             i = int(c)
-            if not -x.shape[1] <= i < x.shape[1]:
-                raise ValueError(f"--columns: column {i} out of range for {path} "
-                                 f"({x.shape[1]} columns)")
-            idx.append(i)
+            if not -width <= i < width:
+                raise ValueError(f"{flag}: column {i} out of range for {path} ({width} columns)")
+            idx.append(i % width)
         elif names is not None and c in names:
             idx.append(names.index(c))
         else:
             known = f"; header: {', '.join(names)}" if names else " (the file has no header)"
-            raise ValueError(f"--columns: no column named {c!r} in {path}{known}")
-    return x[:, idx]
+            raise ValueError(f"{flag}: no column named {c!r} in {path}{known}")
+    return idx
+
+
+def _pick_columns(x: np.ndarray, names: list[str] | None, cols: list[str] | None, path,
+                  drop: list[str] | None = None):
+    """Columns kept (``--columns``) less those dropped (``--drop``), and their names."""
+    width = x.shape[1]
+    keep = list(range(width)) if cols is None else _column_indices(cols, names, width, path,
+                                                                   "--columns")
+    if drop is not None:
+        gone = set(_column_indices(drop, names, width, path, "--drop"))
+        keep = [i for i in keep if i not in gone]
+        if not keep:
+            raise ValueError(f"--drop leaves no column of {path}")
+    kept_names = None if names is None else [names[i] for i in keep]
+    return x[:, keep], kept_names
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    try:  # utf-8-sig: a byte-order mark is dropped, not taken for part of the first field
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the "
+                         "file as UTF-8") from None
+    lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise ValueError(f"{path} has no data rows")
@@ -95,8 +128,44 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
     return np.asarray(data), names
 
 
-def load_data(path, columns: str | None = None) -> np.ndarray:
-    """(N, D) float array from ``.npy``, ``.npz`` or CSV, checked for NaN/inf."""
+def _check_npy_header(f, path, stored_bytes: int | None = None) -> None:
+    """Refuse, from its header alone, an ``.npy`` array that could not be loaded: more data
+    declared than the file holds, or than this machine's memory."""
+    from jaxem._validation import check_allocation
+
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    n_bytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if stored_bytes is not None and n_bytes > stored_bytes:
+        raise ValueError(f"{path}: the array header declares shape {shape} ({n_bytes} bytes) "
+                         f"but the file holds {stored_bytes} bytes (truncated or damaged)")
+    check_allocation(2 * n_bytes, f"loading {path} (shape {shape}, {dtype})")
+
+
+def _load_npz(path: Path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        members = [n.removesuffix(".npy") for n in zf.namelist()]
+        keys = [k for k in ("x", "X") if k in members] or members
+        if len(keys) != 1:
+            raise ValueError(f"{path} holds arrays {members}: name the data 'x'")
+        info = zf.getinfo(keys[0] + ".npy")
+        with zf.open(info) as f:
+            _check_npy_header(f, path, info.file_size)
+    with np.load(path, allow_pickle=False) as npz:
+        return npz[keys[0]]
+
+
+def load_data(path, columns: str | None = None, drop: str | None = None,
+              with_names: bool = False):
+    """(N, D) float array from ``.npy``, ``.npz`` or CSV, checked for NaN/inf; with
+    ``with_names`` also the kept columns' header names (None without a header)."""
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
@@ -104,19 +173,19 @@ def load_data(path, columns: str | None = None) -> np.ndarray:
     names = None
     try:
         if suffix == ".npy":
+            with open(path, "rb") as f:
+                _check_npy_header(f, path, path.stat().st_size - 10)
             x = np.load(path, allow_pickle=False)
         elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                keys = [k for k in ("x", "X") if k in npz.files] or npz.files
-                if len(keys) != 1:
-                    raise ValueError(f"{path} holds arrays {npz.files}: name the data 'x'")
-                x = npz[keys[0]]
+            x = _load_npz(path)
         elif suffix in (".csv", ".txt"):
             x, names = _read_csv(path)
         else:
             raise ValueError(f"{path}: unknown data format {suffix!r} (use .npy, .npz or .csv)")
-    except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError,
+            RuntimeError, KeyError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"cannot read {path}: {message}") from None
     x = np.asarray(x)
     if x.dtype.kind not in "fiu":
         raise ValueError(f"{path}: data must be numeric, got dtype {x.dtype}")
@@ -124,11 +193,13 @@ def load_data(path, columns: str | None = None) -> np.ndarray:
         x = x[:, None]
     if x.ndim != 2:
         raise ValueError(f"{path}: data must be 2-D (samples × features), got shape {x.shape}")
-    x = _pick_columns(x, names, _split_columns(columns), path)
+    x, names = _pick_columns(x, names, _split_columns(columns),
+                             path, _split_columns(drop, "--drop"))
     bad = int(np.sum(~np.isfinite(x)))
     if bad:
         raise ValueError(f"{path}: the data contain {bad} NaN or infinite value(s)")
-    return x.astype(np.float64)
+    x = x.astype(np.float64)
+    return (x, names) if with_names else x
 
 
 def write_array(a: np.ndarray, out, fmt: str = "%.10g") -> None:
@@ -146,18 +217,29 @@ def write_array(a: np.ndarray, out, fmt: str = "%.10g") -> None:
         raise ValueError(f"--out {out}: use a .npy or .csv file name")
 
 
-def _parse_k_range(spec: str) -> list[int]:
+def _parse_k_range(spec: str, n_samples: int | None = None) -> list[int] | None:
+    """The K of ``--k`` (``a:b`` inclusive, or ``a,b,c``), checked against ``n_samples``
+    before the list is made (a range to 10⁹ is refused, not allocated). Without
+    ``n_samples`` only the syntax is checked and nothing is returned."""
     try:
         if ":" in spec:
             lo, hi = (int(v) for v in spec.split(":"))
-            ks = list(range(lo, hi + 1))
+            values = None
         else:
-            ks = [int(v) for v in spec.split(",")]
+            values = [int(v) for v in spec.split(",")]
+            lo, hi = min(values), max(values)
     except ValueError:
         raise ValueError(f"--k {spec!r}: expected a range like 1:10 or a list like 2,4,8") from None
-    if not ks or min(ks) < 1:
-        raise ValueError(f"--k {spec!r}: every K must be >= 1")
-    return ks
+    if lo < 1:
+        raise ValueError(f"--k {spec!r}: every K must be >= 1, got {lo}")
+    if values is None and lo > hi:
+        raise ValueError(f"--k {spec!r}: the range is empty ({lo} > {hi}); write it low:high")
+    if n_samples is not None and hi > n_samples:
+        raise ValueError(f"--k {spec!r}: K={hi} is larger than the number of samples "
+                         f"({n_samples})")
+    if n_samples is None:
+        return None
+    return list(range(lo, hi + 1)) if values is None else values
 
 
 def _parse_cov_types(spec: str) -> list[str]:
@@ -212,7 +294,12 @@ def _demo(args) -> int:
 
     if args.max_k < 1 or args.n_init < 1:
         raise ValueError("--max-k must be >= 1" if args.max_k < 1 else "--n-init must be >= 1")
+    _check_seed(args.seed)
+    _check_output(args.plot, "--plot")
     x, names = load_old_faithful()
+    if args.max_k > x.shape[0]:
+        raise ValueError(f"--max-k {args.max_k} is larger than the number of samples "
+                         f"({x.shape[0]})")
     ks = list(range(1, args.max_k + 1))
     print(f"Old Faithful: {x.shape[0]} eruptions, features {names}")
     print(f"Fitting K = 1..{args.max_k} x covariance types {COVARIANCE_TYPES}, "
@@ -289,6 +376,46 @@ def _summary(gm, x) -> str:
     return "\n".join(lines)
 
 
+def _check_output(path, flag: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """Before any work: the folder of an output file exists and is writable, and the name
+    has a suffix that will be written."""
+    if path is None:
+        return
+    path = Path(path)
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} {path}: use a file name ending in {' or '.join(suffixes)}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder")
+
+
+def _check_seed(seed: int) -> int:
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed {seed}: must be between 0 and 2**32 - 1")
+    return seed
+
+
+def _check_fit_options(args) -> None:
+    """Every option of fit/select checked before data are read or anything compiled."""
+    _check_seed(args.seed)
+    for flag, value, low in (("--n-init", args.n_init, 1), ("--max-iter", args.max_iter, 0)):
+        if value < low:
+            raise ValueError(f"{flag} {value}: must be >= {low}")
+    if not np.isfinite(args.tol):
+        raise ValueError(f"--tol {args.tol}: must be finite")
+    if not (np.isfinite(args.reg_covar) and args.reg_covar >= 0):
+        raise ValueError(f"--reg-covar {args.reg_covar}: must be finite and >= 0")
+    if not args.float64 and args.reg_covar > _FLOAT32_SQRT_MAX / 1e3:
+        raise ValueError(f"--reg-covar {args.reg_covar:g} overflows float32 arithmetic "
+                         "(its square is beyond 3.4e38): rescale the data, or use --float64")
+    _check_output(args.out, "--out", (".npz",))
+    _check_output(args.plot, "--plot")
+
+
 def _fit(args) -> int:
     from jaxem.estimator import GaussianMixture
 
@@ -296,7 +423,10 @@ def _fit(args) -> int:
     _parse_cov_types(args.covariance_type)
     if args.covariance_type == "all" or "," in args.covariance_type:
         raise ValueError("--covariance-type: fit takes one type (jaxem select compares them)")
-    x = load_data(args.data, args.columns)
+    if args.n_components < 1:
+        raise ValueError(f"-k {args.n_components}: must be >= 1")
+    _check_fit_options(args)
+    x, names = load_data(args.data, args.columns, args.drop, with_names=True)
     if args.n_components > x.shape[0]:
         raise ValueError(f"-k {args.n_components} is larger than the number of samples "
                          f"({x.shape[0]})")
@@ -308,8 +438,8 @@ def _fit(args) -> int:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gm.fit(x.astype(np.float64 if args.float64 else np.float32),
-               progress=None if args.quiet else _echo_progress)
+        x = _named(_as_frame_free(x, args.float64), names)
+        gm.fit(x, progress=None if args.quiet else _echo_progress)
         import jax
 
         jax.effects_barrier()
@@ -336,20 +466,48 @@ def _plot_fit(gm, x, path):
     save_figure(fig, path)
 
 
+def _as_frame_free(x: np.ndarray, float64: bool) -> np.ndarray:
+    """The data as the estimator fits them: float64 with --float64, else float32 (checked
+    for the float32 range by the estimator's own input check)."""
+    if float64:
+        return x.astype(np.float64)
+    from jaxem.estimator import _check_float32_fits
+
+    _check_float32_fits(x)
+    return x.astype(np.float32)
+
+
+class _NamedColumns(np.ndarray):
+    """An array with the header's column names as ``columns``, as a DataFrame has: the
+    estimator keeps them as ``feature_names_in_`` (and the model file carries them)."""
+
+    columns = None
+
+    def __array_finalize__(self, obj):
+        self.columns = getattr(obj, "columns", None)
+
+
+def _named(x: np.ndarray, names: list[str] | None) -> np.ndarray:
+    if names is None:
+        return x
+    out = x.view(_NamedColumns)
+    out.columns = list(names)
+    return out
+
+
 def _select(args) -> int:
     _enable_float64(args)
-    x = load_data(args.data, args.columns)
-    ks = _parse_k_range(args.k)
+    _parse_k_range(args.k)  # its syntax, before the data are read
     cov_types = _parse_cov_types(args.covariance_type)
-    if max(ks) > x.shape[0]:
-        raise ValueError(f"--k {args.k}: K={max(ks)} is larger than the number of samples "
-                         f"({x.shape[0]})")
+    _check_fit_options(args)
+    x, names = load_data(args.data, args.columns, args.drop, with_names=True)
+    ks = _parse_k_range(args.k, x.shape[0])
     print(f"{args.data}: {x.shape[0]} samples x {x.shape[1]} features; K in {ks}, "
           f"covariance types {cov_types}, {args.n_init} vmapped restart(s) each")
     t0 = time.perf_counter()
-    models, bic, aic = _criteria_table(
-        x.astype(np.float64 if args.float64 else np.float32), ks, cov_types, args.n_init,
-        args.seed, args.max_iter, args.tol, args.reg_covar)
+    x = _named(_as_frame_free(x, args.float64), names)
+    models, bic, aic = _criteria_table(x, ks, cov_types, args.n_init, args.seed,
+                                       args.max_iter, args.tol, args.reg_covar)
     score = bic if args.criterion == "bic" else aic
     i, j = np.unravel_index(np.nanargmin(score), score.shape)
     best = (ks[i], cov_types[j])
@@ -383,13 +541,33 @@ def _load_model(path):
     return GaussianMixture.load(path)
 
 
+def _match_columns(x, names, gm, path):
+    """Columns of the data in the model's order: by header name when both the model and the
+    file have names (a reordered file gives the same labels; a missing name is refused),
+    else by position."""
+    fitted = getattr(gm, "feature_names_in_", None)
+    if fitted is None or names is None:
+        if x.shape[1] != gm.n_features_in_:
+            raise ValueError(f"{path} has {x.shape[1]} features but the model was fitted on "
+                             f"{gm.n_features_in_}")
+        return x
+    fitted = [str(n) for n in fitted]
+    missing = [n for n in fitted if n not in names]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing} the model was fitted on "
+                         f"(model: {', '.join(fitted)}; file: {', '.join(names)})")
+    return x[:, [names.index(n) for n in fitted]]
+
+
 def _predict(args) -> int:
+    _check_output(args.out, "--out", (".npy", ".csv", ".txt"))
     gm = _load_model(args.model)
-    x = load_data(args.data, args.columns)
-    if x.shape[1] != gm.n_features_in_:
-        raise ValueError(f"{args.data} has {x.shape[1]} features but the model was fitted on "
-                         f"{gm.n_features_in_}")
-    x = x.astype(gm.means_.dtype)
+    x, names = load_data(args.data, args.columns, args.drop, with_names=True)
+    # Columns now in the model's order (by name, or by position for a file without a
+    # header): they carry the model's names, so the estimator's own check agrees.
+    fitted = getattr(gm, "feature_names_in_", None)
+    x = _named(_match_columns(x, names, gm, args.data),
+               None if fitted is None else [str(n) for n in fitted])
     if args.proba:
         write_array(gm.predict_proba(x), args.out, fmt="%.8g")
     else:
@@ -403,6 +581,8 @@ def _predict(args) -> int:
 def _sample(args) -> int:
     if args.n_samples < 1:
         raise ValueError(f"-n {args.n_samples}: the number of samples must be >= 1")
+    _check_seed(args.seed)
+    _check_output(args.out, "--out", (".npy", ".csv", ".txt"))
     gm = _load_model(args.model)
     gm.random_state = args.seed
     x, labels = gm.sample(args.n_samples)
@@ -426,8 +606,15 @@ def _add_fit_options(p, k_default=None):
                    help="added to covariance diagonals (default 1e-6)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--float64", action="store_true", help="compute in float64")
-    p.add_argument("--columns", help="comma list of column indices or header names")
+    _add_column_options(p)
     p.add_argument("--out", metavar="MODEL.npz", help="save the (chosen) model here")
+
+
+def _add_column_options(p):
+    p.add_argument("--columns", help="comma list of column indices, header names and ranges "
+                   "a:b (Python's slice: b excluded; e.g. 0:13)")
+    p.add_argument("--drop", help="comma list of columns to leave out (indices, names or "
+                   "ranges), e.g. a class label: --drop target")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -463,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", help="model file written by jaxem fit/select --out")
     predict.add_argument("data", help="data file: .npy, .npz or .csv")
     predict.add_argument("--proba", action="store_true", help="write (N, K) probabilities")
-    predict.add_argument("--columns", help="comma list of column indices or header names")
+    _add_column_options(predict)
     predict.add_argument("--out", help=".npy or .csv file (default: CSV on stdout)")
     predict.set_defaults(func=_predict)
 

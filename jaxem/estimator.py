@@ -12,6 +12,7 @@ Computation is float32 unless JAX's x64 mode is on and ``X`` is float64.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -87,6 +88,69 @@ ILL_DEFINED_COVARIANCE = (
 
 
 _log_joint = jax.jit(gmm.log_joint)
+
+
+def _as_float64(X) -> np.ndarray:
+    x = np.asarray(X)
+    return np.asarray(x.astype(np.float64) if x.dtype == object else x, np.float64)
+
+
+def _feature_names(X) -> np.ndarray | None:
+    """Column names of a DataFrame-like X when all are strings (scikit-learn's rule)."""
+    columns = getattr(X, "columns", None)
+    if columns is None:
+        return None
+    names = np.asarray(list(columns), dtype=object)
+    if len(names) == 0 or not all(isinstance(n, str) for n in names):
+        return None
+    return names
+
+
+class PrecisionWarning(UserWarning):
+    """float64 data fitted in float32 lose digits that matter (an offset that dwarfs the
+    spread): enable JAX's x64 mode to fit in float64."""
+
+
+_FLOAT32_SQRT_MAX = float(np.sqrt(np.float64(np.finfo(np.float32).max)))  # ~1.8e19
+_X64_HINT = ("fit in float64: jax.config.update('jax_enable_x64', True) with float64 X "
+             "(the command: --float64)")
+
+
+def _check_float32_fits(X) -> None:
+    """Before casting data to float32: refuse values beyond its range, and warn when the
+    data sit so far from the origin, relative to their spread, that float32 keeps too few
+    of the digits that separate the samples."""
+    x = np.asarray(X)
+    if x.dtype.itemsize <= 4 and x.dtype.kind == "f":
+        return
+    biggest = float(np.max(np.abs(x)))
+    if biggest > float(np.finfo(np.float32).max):
+        raise ValueError(f"X has values up to {biggest:.3g}, beyond the float32 range "
+                         f"(±{np.finfo(np.float32).max:.3g}): rescale the data, or {_X64_HINT}")
+    spread = np.std(x, axis=0)
+    offset = np.abs(np.mean(x, axis=0))
+    reach = float(np.max(np.abs(x - np.mean(x, axis=0))))
+    if reach > _FLOAT32_SQRT_MAX / 1e3:
+        raise ValueError(f"X spreads {reach:.3g} from its mean: squared distances overflow "
+                         f"float32 (3.4e38). Rescale the data, or {_X64_HINT}")
+    lost = np.finfo(np.float32).eps * offset / np.where(spread > 0, spread, np.inf)
+    if np.max(lost) > 1e-4:
+        j = int(np.argmax(lost))
+        warnings.warn(
+            f"X is float64 but is fitted in float32, and feature {j} sits at {offset[j]:.3g} "
+            f"with a spread of {spread[j]:.3g}: float32 resolves it only to "
+            f"{np.max(lost):.1e} of its spread. To keep the digits, {_X64_HINT}",
+            PrecisionWarning, stacklevel=4)
+
+
+def _precision_of(params_or_dtype):
+    """A context in which JAX computes in the precision of ``params`` (or of a dtype): x64
+    mode for float64, so that a model fitted in float64 keeps its precision end to end
+    (predict, score, sample, a loaded file) whatever the global setting."""
+    dtype = getattr(getattr(params_or_dtype, "means", None), "dtype", params_or_dtype)
+    if np.dtype(dtype) == np.float64:
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
 _sample = jax.jit(gmm.sample, static_argnames="n_samples")
 
 
@@ -97,7 +161,10 @@ def _seed(random_state) -> int:
         return int(random_state.randint(2**31 - 1))
     if isinstance(random_state, np.random.Generator):
         return int(random_state.integers(2**31 - 1))
-    return _validation.check_int(random_state, "random_state", 0)
+    seed = _validation.check_int(random_state, "random_state", 0)
+    if seed >= 2**32:  # scikit-learn's (NumPy's) range for an integer seed
+        raise ValueError(f"random_state must be between 0 and 2**32 - 1, got {seed}")
+    return seed
 
 
 class GaussianMixture(*_BASES):
@@ -175,17 +242,54 @@ class GaussianMixture(*_BASES):
         x64 = jax.config.jax_enable_x64 and np.asarray(X).dtype == np.float64
         return np.dtype(np.float64 if x64 else np.float32)
 
+    def _check_feature_names(self, X, reset: bool) -> None:
+        """scikit-learn's contract for column names (``feature_names_in_``): kept from a
+        DataFrame at ``fit``, and a later X whose names differ is refused, never silently
+        taken column by column."""
+        names = _feature_names(X)
+        if reset:
+            if names is None:
+                self.__dict__.pop("feature_names_in_", None)
+            else:
+                self.feature_names_in_ = names
+            return
+        fitted = getattr(self, "feature_names_in_", None)
+        if names is None and fitted is None:
+            return
+        if names is None:
+            warnings.warn(f"X does not have valid feature names, but {type(self).__name__} "
+                          "was fitted with feature names", UserWarning, stacklevel=4)
+        elif fitted is None:
+            warnings.warn(f"X has feature names, but {type(self).__name__} was fitted "
+                          "without feature names", UserWarning, stacklevel=4)
+        elif len(names) != len(fitted) or np.any(names != fitted):
+            unseen = [n for n in names if n not in set(fitted)]
+            missing = [n for n in fitted if n not in set(names)]
+            detail = (f"; unseen at fit time: {unseen}" if unseen else "") + (
+                f"; seen at fit time, missing now: {missing}" if missing else "")
+            order = "" if unseen or missing else (
+                "; the same names in another order: pass the columns as at fit time "
+                f"({list(fitted)})")
+            raise ValueError("The feature names should match those that were passed during "
+                             f"fit{detail}{order}")
+
     def _check_X(self, X, min_samples=1, reset=False):
+        if reset or hasattr(self, "params_"):
+            self._check_feature_names(X, reset)
         X = _validation.check_data(X, "X", min_samples=min_samples)
         if reset:
-            return np.asarray(X, self._dtype(X))
+            dtype = self._dtype(X)
+            if dtype == np.float32:
+                _check_float32_fits(X)
+            return np.asarray(X, dtype)
         self._check_is_fitted()
         if X.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
                 f"{self.n_features_in_} features as input."
             )
-        return np.asarray(X, self.params_.means.dtype)
+        with np.errstate(over="ignore"):  # beyond float32: evaluated in float64 (_log_joint)
+            return np.asarray(X, self.params_.means.dtype)
 
     def _check_is_fitted(self):
         if not hasattr(self, "params_"):
@@ -226,6 +330,9 @@ class GaussianMixture(*_BASES):
         """
         self._check_parameters()
         X = self._check_X(X, min_samples=self.n_components, reset=True)
+        if X.dtype == np.float32 and self.reg_covar > _FLOAT32_SQRT_MAX / 1e3:
+            raise ValueError(f"reg_covar={self.reg_covar:g} overflows float32 arithmetic (its "
+                             f"square is beyond 3.4e38): rescale the data, or {_X64_HINT}")
         _validation.check_sample_weight(sample_weight, X.shape[0])
         init_kwargs = self._check_inits(X.shape[1])
         model = gmm.GaussianMixtureModel(self.covariance_type, self.chunk_size)
@@ -253,7 +360,12 @@ class GaussianMixture(*_BASES):
                 max_iter=self.max_iter, init_kwargs=init_kwargs, progress=progress,
                 reg_covar=self.reg_covar,
             )
-        self._set_fitted(self.fit_result_.best, X.shape[1])
+        best = self.fit_result_.best
+        if self.max_iter == 0 and not bool(best.failed):
+            # No E-step ran: the bound of the initial parameters, not -inf.
+            _, ll = model.e_step(best.params, X, weights)
+            best = best._replace(lower_bound=ll)
+        self._set_fitted(best, X.shape[1])
         return self
 
     def _continues_warm_start(self, n_features: int) -> bool:
@@ -300,7 +412,14 @@ class GaussianMixture(*_BASES):
                 ConvergenceWarning,
                 stacklevel=3,
             )
-        elif not self.converged_ and self.max_iter > 0:
+        elif self.max_iter == 0:
+            warnings.warn(
+                "max_iter=0: no EM iteration ran; the parameters are the initialisation and "
+                "lower_bound_ is their mean log-likelihood.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        elif not self.converged_:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",
@@ -314,9 +433,10 @@ class GaussianMixture(*_BASES):
         self.means_ = np.asarray(params.means)
         self.covariances_ = np.asarray(params.covariances)
         self.precisions_cholesky_ = np.asarray(params.precisions_cholesky)
-        self.precisions_ = np.asarray(
-            precisions_from_cholesky(params.precisions_cholesky, params.covariance_type)
-        )
+        with _precision_of(params):
+            self.precisions_ = np.asarray(
+                precisions_from_cholesky(params.precisions_cholesky, params.covariance_type)
+            )
         self.n_features_in_ = self.means_.shape[1]
 
     # ----------------------------------------------------------------- persistence
@@ -334,11 +454,13 @@ class GaussianMixture(*_BASES):
         """
         params, info = io.read(path)
         gm = cls(params.n_components, covariance_type=params.covariance_type)
-        gm._store_params(jax.tree_util.tree_map(jnp.asarray, params))
+        gm._store_params(params)  # NumPy arrays: float64 stays float64 without x64 mode
         gm.converged_ = info.get("converged", True)
         gm.n_iter_ = info.get("n_iter", 0)
         gm.lower_bound_ = info.get("lower_bound", float("nan"))
         gm.lower_bounds_ = np.asarray([], params.means.dtype)
+        if info.get("feature_names") is not None:
+            gm.feature_names_in_ = np.asarray(info["feature_names"], dtype=object)
         return gm
 
     def fit_predict(self, X, y=None, sample_weight=None):
@@ -346,13 +468,35 @@ class GaussianMixture(*_BASES):
         return self.fit(X, y, sample_weight=sample_weight).predict(X)
 
     # ----------------------------------------------------------------- inference
-    def _log_joint(self, X) -> jax.Array:
+    def _log_joint(self, X) -> np.ndarray:
+        """(N, K) log-joint in the model's precision; rows that overflow it (points so far
+        from every component that the squared distance exceeds float32) are evaluated again
+        in float64, so that they get the nearest component's responsibility, not NaN."""
+        raw = X
         X = self._check_X(X)  # raises NotFittedError before params_ is touched
-        return _log_joint(self.params_, X)
+        with _precision_of(self.params_):
+            lj = np.asarray(_log_joint(self.params_, X))
+        bad = ~np.all(np.isfinite(lj), axis=1)
+        if bad.any():
+            with _precision_of(np.float64):
+                params64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
+                                                  self.params_)
+                lj = lj.astype(np.float64)
+                lj[bad] = np.asarray(_log_joint(params64, _as_float64(raw)[bad]))
+            still = ~np.all(np.isfinite(lj), axis=1)
+            if still.any():
+                raise ValueError(
+                    f"X has {int(still.sum())} sample(s) (first at row "
+                    f"{int(np.flatnonzero(still)[0])}) too far from every component for "
+                    "their log-density to be represented even in float64"
+                )
+        return lj
 
     def score_samples(self, X):
         """(N,) log densities ``log p(x_n)``."""
-        return np.asarray(jax.nn.logsumexp(self._log_joint(X), axis=1))
+        lj = self._log_joint(X)
+        with _precision_of(lj.dtype):
+            return np.asarray(jax.nn.logsumexp(lj, axis=1))
 
     def score(self, X, y=None, sample_weight=None):
         """Mean (optionally weighted) log-likelihood per sample."""
@@ -364,11 +508,13 @@ class GaussianMixture(*_BASES):
 
     def predict(self, X):
         """(N,) index of the most probable component for each sample."""
-        return np.asarray(jnp.argmax(self._log_joint(X), axis=1))
+        return np.argmax(self._log_joint(X), axis=1)
 
     def predict_proba(self, X):
         """(N, K) responsibilities ``p(z_n = k | x_n)``."""
-        return np.asarray(jnp.exp(elbo.posterior(self._log_joint(X))))
+        lj = self._log_joint(X)
+        with _precision_of(lj.dtype):
+            return np.asarray(jnp.exp(elbo.posterior(lj)))
 
     def sample(self, n_samples=1):
         """Draw ``n_samples`` samples; returns ``(X, y)`` sorted by component, as scikit-learn."""
@@ -377,9 +523,18 @@ class GaussianMixture(*_BASES):
         if n_samples < 1:
             raise ValueError(f"Invalid value for 'n_samples': {n_samples} . The sampling "
                              "requires at least one sample.")
-        key = jax.random.PRNGKey(_seed(self.random_state))
-        x, labels = _sample(key, self.params_, n_samples=n_samples)
-        return np.asarray(x), np.asarray(labels)
+        d, itemsize = self.n_features_in_, self.params_.means.dtype.itemsize
+        if n_samples > np.iinfo(np.int32).max:
+            raise ValueError(f"n_samples={n_samples} is more than one call can draw "
+                             f"({np.iinfo(np.int32).max}); draw in batches")
+        # The samples, their noise and labels, and the copy handed back to NumPy.
+        _validation.check_allocation(3 * n_samples * (d + 1) * itemsize,
+                                     f"sample(n_samples={n_samples}) with {d} features",
+                                     "draw in batches")
+        with _precision_of(self.params_):
+            key = jax.random.PRNGKey(_seed(self.random_state))
+            x, labels = _sample(key, self.params_, n_samples=n_samples)
+            return np.asarray(x), np.asarray(labels)
 
     def _n_parameters(self) -> int:
         return gmm.n_parameters(self.params_)

@@ -907,10 +907,19 @@ def sample(key: jax.Array, params: GMMParams, n_samples: int) -> tuple[jax.Array
     labels = jnp.sort(labels)
     eps = jax.random.normal(k_noise, (n_samples, d), dtype)
     cov = params.covariances
-    if params.covariance_type in ("full", "tied"):
+    if params.covariance_type == "full":
         chol = jnp.linalg.cholesky(cov)
-        chol = chol[labels] if params.covariance_type == "full" else chol[None]
-        noise = jnp.einsum("nde,ne->nd", chol, eps, precision=PRECISION)
+        # Rows in blocks, so that the gathered factors are (block, D, D), never (n, D, D).
+        block = max(1, min(n_samples, 2**20 // (d * d)))
+        n_blocks = -(-n_samples // block)
+        pad = n_blocks * block - n_samples
+        lab = jnp.pad(labels, (0, pad)).reshape(n_blocks, block)
+        e = jnp.pad(eps, ((0, pad), (0, 0))).reshape(n_blocks, block, d)
+        noise = jax.lax.map(
+            lambda a: jnp.einsum("nde,ne->nd", chol[a[0]], a[1], precision=PRECISION), (lab, e))
+        noise = noise.reshape(-1, d)[:n_samples]
+    elif params.covariance_type == "tied":
+        noise = jnp.matmul(eps, jnp.linalg.cholesky(cov).T, precision=PRECISION)
     elif params.covariance_type == "diag":
         noise = jnp.sqrt(cov[labels]) * eps
     else:

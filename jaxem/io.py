@@ -1,9 +1,11 @@
 """Safe save/load of fitted Gaussian mixtures: ``.npz``, no pickle, validated on load.
 
-File layout (format version 1): arrays ``format`` (``"jaxem-gmm"``), ``format_version``,
-``covariance_type``, ``weights`` (K,), ``means`` (K, D), ``covariances`` and
-``precisions_cholesky`` (the shape of the covariance type), and optional scalars
-``converged``, ``n_iter``, ``lower_bound``. Strings are stored as NumPy unicode arrays, so
+File layout (format version 2; version 1 files, without ``feature_names``, are still read):
+arrays ``format`` (``"jaxem-gmm"``), ``format_version``, ``covariance_type``, ``weights``
+(K,), ``means`` (K, D), ``covariances`` and ``precisions_cholesky`` (the shape of the
+covariance type), optional scalars ``converged``, ``n_iter``, ``lower_bound``, and optional
+``feature_names`` (D,) strings. Members are checked from the zip directory and their
+``.npy`` headers before any data are read. Strings are stored as NumPy unicode arrays, so
 :func:`load` reads with ``allow_pickle=False``. Writes go to a temporary file in the same
 folder renamed into place: a crash never leaves a half-written model under the final name.
 """
@@ -21,7 +23,8 @@ from jaxem import gmm
 from jaxem._linalg import COVARIANCE_TYPES, covariance_shape
 
 FORMAT = "jaxem-gmm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the optional feature_names; files of version 1 are still read
+_READABLE_VERSIONS = (1, 2)
 _ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
 
 
@@ -41,6 +44,9 @@ def save(path, model) -> Path:
     if hasattr(model, "params_"):
         info = {"converged": np.bool_(model.converged_), "n_iter": np.int64(model.n_iter_),
                 "lower_bound": np.float64(model.lower_bound_)}
+        names = getattr(model, "feature_names_in_", None)
+        if names is not None:
+            info["feature_names"] = np.asarray([str(n) for n in names])
         model = model.params_
     elif type(model).__name__ == "GaussianMixture":
         raise ValueError("the GaussianMixture is not fitted yet; call fit before save")
@@ -54,6 +60,8 @@ def save(path, model) -> Path:
     arrays.update(format=np.array(FORMAT), format_version=np.array(FORMAT_VERSION),
                   covariance_type=np.array(model.covariance_type), **info)
     _check(arrays, str(path))  # never write what load would refuse
+    if not path.parent.is_dir():  # said of the user's path, before a temporary file exists
+        raise FileNotFoundError(f"cannot write {path}: no such folder {path.parent}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         umask = os.umask(0)
@@ -92,13 +100,14 @@ def read(path) -> tuple[gmm.GMMParams, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(f"{path}: not a readable .npz model file (not a zip archive)")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
-        raise ModelFileError(f"{path}: not a readable .npz model file ({e})") from None
+        arrays = _read_members(path)
+    except ModelFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file provokes is reported
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ModelFileError(
+            f"{path}: not a readable .npz model file ({type(e).__name__}: {reason})") from None
     _check(arrays, str(path))
     params = gmm.GMMParams(*(arrays[name] for name in _ARRAYS),
                            covariance_type=str(arrays["covariance_type"]))
@@ -109,7 +118,58 @@ def read(path) -> tuple[gmm.GMMParams, dict]:
         info["n_iter"] = int(arrays["n_iter"])
     if "lower_bound" in arrays:
         info["lower_bound"] = float(arrays["lower_bound"])
+    if "feature_names" in arrays:
+        info["feature_names"] = [str(n) for n in arrays["feature_names"]]
     return params, info
+
+
+_ALLOWED = (*_ARRAYS, "format", "format_version", "covariance_type", "converged", "n_iter",
+            "lower_bound", "feature_names")
+# Largest array a model file may declare: K·D² float64 for K = D = 4096 is 2^36 bytes; a
+# member declaring more is refused from its header, before anything is decompressed.
+_MAX_MEMBER_BYTES = 2**36
+
+
+def _read_members(path: Path) -> dict:
+    """The arrays of an ``.npz``, each member checked from the zip directory and its
+    ``.npy`` header (name, dtype, declared size) before any data are read or decompressed:
+    a small file cannot make the reader allocate much."""
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a readable .npz model file (not a zip archive)")
+    arrays = {}
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        unexpected = sorted(n for n in names if n.removesuffix(".npy") not in _ALLOWED
+                            or not n.endswith(".npy"))
+        if unexpected:
+            raise ModelFileError(f"{path}: unexpected array(s) "
+                                 f"{[n.removesuffix('.npy') for n in unexpected]}")
+        if len(set(names)) != len(names):
+            raise ModelFileError(f"{path}: an array is stored twice")
+        for info in infos:
+            name = info.filename.removesuffix(".npy")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                if dtype.hasobject or dtype.kind not in "fiubU":
+                    raise ModelFileError(f"{path}: {name} has dtype {dtype}, which a model "
+                                         "file never holds")
+                n_bytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if n_bytes > _MAX_MEMBER_BYTES:
+                    raise ModelFileError(f"{path}: {name} declares shape {shape} "
+                                         f"({n_bytes / 2**30:.3g} GiB), too large for a model")
+                count = int(np.prod(shape))
+                data = f.read(n_bytes)
+                if len(data) != n_bytes:
+                    raise ModelFileError(f"{path}: {name} is truncated")
+                arr = np.frombuffer(data, dtype=dtype, count=count)
+                order = "F" if fortran else "C"
+                arrays[name] = arr.reshape(shape, order=order).copy()
+    return arrays
 
 
 def _check(arrays: dict, where: str) -> None:
@@ -121,11 +181,10 @@ def _check(arrays: dict, where: str) -> None:
     version = arrays.get("format_version")
     if version is None or version.shape != () or not np.issubdtype(version.dtype, np.integer):
         bad("missing or malformed format_version")
-    if int(version) != FORMAT_VERSION:
+    if int(version) not in _READABLE_VERSIONS:
         bad(f"format version {int(version)} is not supported (this jaxem reads "
-            f"{FORMAT_VERSION})")
-    allowed = {*_ARRAYS, "format", "format_version", "covariance_type", "converged", "n_iter",
-               "lower_bound"}
+            f"{', '.join(map(str, _READABLE_VERSIONS))})")
+    allowed = set(_ALLOWED)
     missing = [n for n in (*_ARRAYS, "covariance_type") if n not in arrays]
     if missing:
         bad(f"missing array(s) {missing}")
@@ -142,8 +201,10 @@ def _check(arrays: dict, where: str) -> None:
         if not np.all(np.isfinite(a)):
             bad(f"{name} contains NaN or infinite values")
     w, means = arrays["weights"], arrays["means"]
-    if w.ndim != 1 or w.shape[0] < 1 or means.ndim != 2 or means.shape[0] != w.shape[0]:
-        bad(f"weights {w.shape} and means {means.shape} do not describe K components")
+    if (w.ndim != 1 or w.shape[0] < 1 or means.ndim != 2 or means.shape[0] != w.shape[0]
+            or means.shape[1] < 1):
+        bad(f"weights {w.shape} and means {means.shape} do not describe K >= 1 components "
+            "in D >= 1 features")
     k, d = means.shape
     expected = covariance_shape(cov_type, k, d)
     for name in ("covariances", "precisions_cholesky"):
@@ -159,10 +220,14 @@ def _check(arrays: dict, where: str) -> None:
         if name in arrays and (arrays[name].shape != ()
                                or not np.issubdtype(arrays[name].dtype, kind)):
             bad(f"{name} must be a scalar of kind {kind.__name__}")
+    if "feature_names" in arrays:
+        names = arrays["feature_names"]
+        if names.dtype.kind != "U" or names.shape != (d,) or len(set(names.tolist())) != d:
+            bad(f"feature_names must be {d} distinct strings, got {names.dtype} {names.shape}")
 
 
 def _check_precisions(cov, prec_chol, cov_type, d, bad) -> None:
-    """Precisions positive definite, and P Pᵀ Σ = I (they belong to these covariances)."""
+    """Precisions positive definite, and Pᵀ Σ P = I (they belong to these covariances)."""
     cov64, p64 = np.asarray(cov, np.float64), np.asarray(prec_chol, np.float64)
     if cov_type in ("diag", "spherical"):
         if np.any(cov64 <= 0) or np.any(p64 <= 0):
@@ -179,13 +244,17 @@ def _check_precisions(cov, prec_chol, cov_type, d, bad) -> None:
             np.linalg.cholesky(mats_c)
         except np.linalg.LinAlgError:
             bad("covariances are not positive definite")
-        product = np.einsum("kij,kjl,klm->kim", mats_p, np.swapaxes(mats_p, 1, 2), mats_c)
+        # Pᵀ Σ P = I  ⟺  P Pᵀ = Σ⁻¹. Unlike P Pᵀ Σ, this product is invariant under a
+        # rescaling of the features, so its rounding grows with the conditioning of the
+        # correlations, not with the features' scales: diag(1e8, 1e-8) is perfectly
+        # conditioned here, and a tampered entry cannot hide in a tolerance scaled by 1e16.
+        product = np.einsum("kji,kjl,klm->kim", mats_p, mats_c, mats_p)
     eps = float(np.finfo(cov.dtype).eps)
     if cov_type in ("diag", "spherical"):
         err, cond = np.abs(product - 1.0), 1.0
     else:
         err = np.abs(product - np.eye(d)).max(axis=(1, 2))
-        cond = np.linalg.cond(mats_c)
-    # Rounding in P Pᵀ Σ grows with the conditioning of Σ; a tampered value does not hide in it.
+        scale = 1.0 / np.sqrt(np.diagonal(mats_c, axis1=1, axis2=2))
+        cond = np.linalg.cond(scale[:, :, None] * mats_c * scale[:, None, :])
     if np.any(err > 100 * d * eps * cond + 1e3 * eps):
-        bad("precisions_cholesky does not match covariances (P Pᵀ Σ ≠ I)")
+        bad("precisions_cholesky does not match covariances (Pᵀ Σ P ≠ I)")

@@ -109,7 +109,7 @@ def test_unreadable_truncated_and_pickled_files(tmp_path, fitted):
     arrays["means"] = np.array([object()] * 3, dtype=object)
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, **arrays)  # an object array: needs pickle to read
-    with pytest.raises(jaxem.ModelFileError, match="not a readable"):
+    with pytest.raises(jaxem.ModelFileError, match="means has dtype object"):
         jaxem.load(pickled)
 
 
@@ -156,9 +156,11 @@ def test_every_way_of_building_params_saves_and_loads(tmp_path, cov_type):
                                       precisions=precisions),
         "init": gmm.init(jax.random.PRNGKey(0), x, 2, cov_type, precisions_init=precisions),
         "fit": jaxem.fit(gmm.GaussianMixtureModel(cov_type), x, base, max_iter=3).params,
-        "estimator": jaxem.GaussianMixture(2, covariance_type=cov_type, max_iter=0,
-                                           precisions_init=precisions, random_state=0).fit(x),
     }
+    with pytest.warns(jaxem.ConvergenceWarning, match="no EM iteration ran"):
+        built["estimator"] = jaxem.GaussianMixture(
+            2, covariance_type=cov_type, max_iter=0, precisions_init=precisions,
+            random_state=0).fit(x)
     for how, model in built.items():
         path = jaxem.save(tmp_path / f"{how}.npz", model)
         params = model.params_ if how == "estimator" else model
