@@ -253,7 +253,8 @@ def fit_implicit(
       adjoint_max_iter: cap on vector-Jacobian products in the adjoint solve (static).
       fixed_point_tol: largest relative fixed-point residual ``max|T(θ) − θ| / max|θ|``
         accepted without a warning (traced); the forward fit stops at half of it (see
-        ``tol``). Default: 1e-3.
+        ``tol``). Default: 1e-4 in float32, 1e-8 in float64 (the gradient's relative error
+        is about this residual times 1/(1 − EM's rate of convergence)).
       **hyper: M-step hyperparameters, e.g. ``reg_covar`` (traced, differentiable).
 
     Returns:
@@ -269,7 +270,11 @@ def fit_implicit(
     if adjoint_tol is None:
         adjoint_tol = eps**0.5
     if fixed_point_tol is None:
-        fixed_point_tol = 1e-3
+        # The gradient's error grows like the residual over (1 − EM's rate): measured on
+        # the wine data (K = 3, full), a residual of 1e-3 gave gradients 1.5-3.5% off, 1e-4
+        # 0.3%, 1e-5 0.03%. float32 cannot go much below 1e-4 on ill-conditioned fits (its
+        # rounding floor was 2e-5 on 40 points in 8-D), so that is its default.
+        fixed_point_tol = 1e-4 if dtype == jnp.float32 else 1e-8
     _validation.check_real(adjoint_tol, "adjoint_tol", minimum=0.0)
     _validation.check_real(fixed_point_tol, "fixed_point_tol", minimum=0.0)
     tols = (jnp.asarray(adjoint_tol, dtype), jnp.asarray(fixed_point_tol, dtype))

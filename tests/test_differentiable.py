@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_blobs
-from helpers import tree_allclose
+from helpers import enable_x64, tree_allclose
 
 import jaxem
 from jaxem import gmm
@@ -138,10 +138,15 @@ def test_forward_values_are_those_of_fit(x64, rng, cov_type):
     assert tree_allclose(ref.params, unr.params, rtol=1e-13)
     np.testing.assert_allclose(unr.lower_bounds, ref.lower_bounds, rtol=1e-13)
     assert int(unr.n_iter) == 7 and not bool(unr.failed)
-    ref = jaxem.fit(model, x, p0, weights=w, tol=1e-8, max_iter=300, reg_covar=1e-3)
     imp = jaxem.fit_implicit(model, x, p0, weights=w, tol=1e-8, max_iter=300, reg_covar=1e-3)
+    assert bool(imp.converged)
+    # the same iterations as fit's: stopped later (on the parameter residual too), not
+    # elsewhere
+    ref = jaxem.fit(model, x, p0, weights=w, tol=-1.0, max_iter=int(imp.n_iter),
+                    reg_covar=1e-3)
     assert tree_allclose(ref.params, imp.params, rtol=1e-13)
-    assert int(imp.n_iter) == int(ref.n_iter) and bool(imp.converged)
+    short = jaxem.fit(model, x, p0, weights=w, tol=1e-8, max_iter=300, reg_covar=1e-3)
+    assert int(short.n_iter) <= int(imp.n_iter)
     _, ll = model.e_step(imp.params, x, w)
     assert float(imp.lower_bound) == pytest.approx(float(ll), rel=1e-14)
 
@@ -179,11 +184,14 @@ def test_adjoint_non_convergence_is_reported_not_returned(rng):
     def loss(x, **kw):
         return jnp.sum(jaxem.fit_implicit(model, x, p0, **kw).params.means)
 
-    g, caught = _grad_with_warnings(loss, x)
+    g, caught = _grad_with_warnings(lambda x: loss(x, max_iter=5000), x)
     assert not caught and np.all(np.isfinite(np.asarray(g)))
-    g, caught = _grad_with_warnings(lambda x: loss(x, adjoint_max_iter=2), x)
+    g, caught = _grad_with_warnings(lambda x: loss(x, max_iter=5000, adjoint_max_iter=2), x)
     assert len(caught) == 1 and "adjoint solve did not converge" in str(caught[0].message)
     assert np.all(np.isnan(np.asarray(g)))
+
+
+DEFAULT_FIXED_POINT_TOL_F32 = 1e-4
 
 
 @pytest.mark.parametrize("cov_type", ["full", "diag"])
@@ -194,7 +202,7 @@ def test_default_implicit_gradient_never_warns_after_a_converged_fit(cov_type):
     model = gmm.GaussianMixtureModel(cov_type)
     n_converged = 0
     for seed in (0, 1, 2, 12345):
-        for shift in (0.8, 1.2, 2.0):
+        for shift in (1.2, 2.0, 3.0):
             rng = np.random.default_rng(seed)
             x = jnp.asarray(np.concatenate([rng.normal(size=(200, 2)),
                                             rng.normal(size=(200, 2)) + [shift, 0]]))
@@ -202,17 +210,46 @@ def test_default_implicit_gradient_never_warns_after_a_converged_fit(cov_type):
             fit = jaxem.fit_implicit(model, x, p0)
             g, caught = _grad_with_warnings(
                 lambda x, p0=p0: jnp.sum(jaxem.fit_implicit(model, x, p0).params.means), x)
-            assert np.all(np.isfinite(np.asarray(g)))
             t = model.m_step(model.e_step(fit.params, x)[0])
             residual = float(jaxem.em.relative_change(t, fit.params))
+            away = [c for c in caught if "away from a fixed point" in str(c.message)]
             if bool(fit.converged):
                 n_converged += 1
-                assert residual <= 1e-3
+                assert residual <= DEFAULT_FIXED_POINT_TOL_F32
                 assert not caught, (seed, shift, [str(c.message) for c in caught])
+                assert np.all(np.isfinite(np.asarray(g)))
             else:  # max_iter hit: flagged exactly when the residual is over fixed_point_tol
                 assert int(fit.n_iter) == 500
-                assert len(caught) == (residual > 1e-3)
-    assert n_converged >= 8
+                assert len(away) == (residual > DEFAULT_FIXED_POINT_TOL_F32)
+    assert n_converged >= 6
+
+
+def test_float32_implicit_gradient_is_accurate_on_real_data():
+    # Standardised wine, K = 3, full, reg_covar = 1e-3: the float32 implicit gradient of the
+    # fitted means with respect to the data against a float64 one at a tight fixed point.
+    # (With the former fixed_point_tol of 1e-3 it was 2-3.5% off, without a warning.)
+    from sklearn.datasets import load_wine
+
+    x = load_wine().data
+    x = (x - x.mean(0)) / x.std(0)
+    model = gmm.GaussianMixtureModel("full")
+
+    def gradient(dtype, **kw):
+        with enable_x64(dtype == np.float64):
+            xx = jnp.asarray(x, dtype)
+            p0 = gmm.init(jax.random.PRNGKey(0), xx, 3, "full", reg_covar=1e-3)
+            loss = lambda xx: jnp.sum(  # noqa: E731
+                jaxem.fit_implicit(model, xx, p0, reg_covar=1e-3, **kw).params.means)
+            g, caught = _grad_with_warnings(loss, xx)
+            assert not caught
+            return np.asarray(g, np.float64)
+
+    reference = gradient(np.float64, fixed_point_tol=1e-10, tol=1e-12, max_iter=2000)
+    err = np.abs(gradient(np.float32) - reference).max() / np.abs(reference).max()
+    assert err < 5e-3  # measured 2.9e-3 with the defaults, 3.4e-4 at fixed_point_tol=1e-5
+    err = (np.abs(gradient(np.float32, fixed_point_tol=1e-5) - reference).max()
+           / np.abs(reference).max())
+    assert err < 1e-3
 
 
 def test_gradient_through_an_unconverged_fit_warns(rng):
