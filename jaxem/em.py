@@ -9,6 +9,7 @@ The drivers know nothing about Gaussians. A *model* is any hashable object with
     with_batch(n, axis_name) -> model                  (optional: sized for n restarts vmapped
                                                         over axis_name; may use collectives on it)
     check_hyper(**hyper)                               (optional: eager validation)
+    check_params(params, x)                            (optional: eager validation)
 
 Stopping rule (scikit-learn's): iteration ``i`` runs an E-step at the current parameters,
 records the mean log-likelihood ``ℓ_i`` there, then an M-step; the loop stops once
@@ -189,8 +190,9 @@ def _over_devices(fn, mesh: Mesh | None):
 
     def wrapped(x, weights, *rest):
         specs = (P(_DATA, None), P(_DATA), *([P()] * len(rest)))
-        # Replication of the outputs follows from the psum; the checker cannot see through
-        # the model's E-step, so it is switched off.
+        # The outputs are replicated because the model's E-step psums its statistics; the
+        # checker verifies it (check_vma), so a model that forgets the psum fails at trace
+        # time instead of returning one device's answer.
         return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=True)(
             x, weights, *rest
         )
