@@ -670,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--plot", metavar="PNG", help="write a plot of the chosen fit here")
     demo.add_argument("--max-k", type=int, default=6, help="largest K tried (default 6)")
-    demo.add_argument("--n-init", type=int, default=4, help="restarts per fit (default 4)")
+    demo.add_argument("--n-init", type=int, default=16, help="restarts per fit (default 16)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
     return parser
