@@ -35,6 +35,16 @@ def fitted2d():
     return x, GaussianMixture(2, random_state=0).fit(x)
 
 
+def _loads_valid_or_refuses(path):
+    """The load contract: a ModelFileError, or parameters that are finite and valid."""
+    try:
+        params = jaxem.load(path)
+    except jaxem.ModelFileError:
+        return
+    assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(params))
+    assert abs(float(np.sum(params.weights)) - 1.0) < 1e-4
+
+
 # ------------------------------------------------------------------ 1. huge sample requests
 def test_a_huge_sample_is_refused_not_a_crash(fitted2d, tmp_path):
     _, gm = fitted2d
@@ -169,11 +179,7 @@ def test_damaged_model_files_raise_model_file_error_only(tmp_path, fitted2d):
             data[pos] ^= int(rng.integers(1, 256))
         path = tmp_path / f"flip{i}.npz"
         path.write_bytes(bytes(data))
-        try:
-            params = jaxem.load(path)
-        except jaxem.ModelFileError:
-            continue
-        assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(params))
+        _loads_valid_or_refuses(path)
     for name, change in (("zero_d", lambda a: a.update(
             means=np.zeros((2, 0)), covariances=np.zeros((2, 0, 0)),
             precisions_cholesky=np.zeros((2, 0, 0)))),):
@@ -387,12 +393,7 @@ def test_fuzz_mutated_model_files_for_load(tmp_path_factory, model_bytes, cut, f
         data[pos % len(data)] ^= bit
     path = tmp_path_factory.mktemp("fuzz") / "m.npz"
     path.write_bytes(bytes(data))
-    try:
-        params = jaxem.load(path)
-    except jaxem.ModelFileError:
-        return
-    assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(params))
-    assert abs(float(np.sum(params.weights)) - 1.0) < 1e-4
+    _loads_valid_or_refuses(path)
 
 
 @FUZZ
