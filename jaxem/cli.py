@@ -678,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from jaxem._cache import enable_persistent_cache
+
+    enable_persistent_cache()  # before the first compilation; see jaxem/_cache.py
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): stop quietly

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxem import _validation, elbo, em, gmm, io
+from jaxem._cache import enable_persistent_cache
 from jaxem._linalg import precisions_from_cholesky
 
 try:  # scikit-learn is an optional peer.
@@ -329,6 +330,7 @@ class GaussianMixture(*_BASES):
           self.
         """
         self._check_parameters()
+        enable_persistent_cache()  # programs kept across processes; see jaxem/_cache.py
         X = self._check_X(X, min_samples=self.n_components, reset=True)
         if X.dtype == np.float32 and self.reg_covar > _FLOAT32_SQRT_MAX / 1e3:
             raise ValueError(f"reg_covar={self.reg_covar:g} overflows float32 arithmetic (its "
