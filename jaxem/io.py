@@ -130,6 +130,15 @@ _ALLOWED = (*_ARRAYS, "format", "format_version", "covariance_type", "converged"
 _MAX_MEMBER_BYTES = 2**36
 
 
+def read_npy_header(f) -> tuple[tuple, bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` stream ``f``, read from its header
+    alone, leaving ``f`` at the start of the data (so a caller can judge the size first)."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
 def _read_members(path: Path) -> dict:
     """The arrays of an ``.npz``, each member checked from the zip directory and its
     ``.npy`` header (name, dtype, declared size) before any data are read or decompressed:
@@ -150,11 +159,7 @@ def _read_members(path: Path) -> dict:
         for info in infos:
             name = info.filename.removesuffix(".npy")
             with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-                else:
-                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                shape, fortran, dtype = read_npy_header(f)
                 if dtype.hasobject or dtype.kind not in "fiubU":
                     raise ModelFileError(f"{path}: {name} has dtype {dtype}, which a model "
                                          "file never holds")
