@@ -91,11 +91,6 @@ ILL_DEFINED_COVARIANCE = (
 _log_joint = jax.jit(gmm.log_joint)
 
 
-def _as_float64(X) -> np.ndarray:
-    x = np.asarray(X)
-    return np.asarray(x.astype(np.float64) if x.dtype == object else x, np.float64)
-
-
 def _feature_names(X) -> np.ndarray | None:
     """Column names of a DataFrame-like X when all are strings (scikit-learn's rule)."""
     columns = getattr(X, "columns", None)
@@ -484,7 +479,8 @@ class GaussianMixture(*_BASES):
                 params64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
                                                   self.params_)
                 lj = lj.astype(np.float64)
-                lj[bad] = np.asarray(_log_joint(params64, _as_float64(raw)[bad]))
+                x64 = np.asarray(_validation.check_data(raw, "X"), np.float64)  # rare path
+                lj[bad] = np.asarray(_log_joint(params64, x64[bad]))
             still = ~np.all(np.isfinite(lj), axis=1)
             if still.any():
                 raise ValueError(
