@@ -104,14 +104,18 @@ def time_jaxem(x, init, cov_type, iters, repeats, dtype, chunk_size, n_init=1, r
     tol = jnp.asarray(-1.0, dtype)
     hyper = {"reg_covar": jnp.asarray(1e-6, dtype)}
     if n_init == 1 and not restarts:
-        lowered = em._fit_jit.lower(model, x, None, params, tol, iters, hyper)
-        dynamic = (x, None, params, tol, hyper)
+        n_iter = jnp.int32(iters)
+        lowered = em._fit_jit.lower(model, x, None, params, tol, n_iter, hyper,
+                                    n_history=em.history_size(iters))
+        dynamic = (x, None, params, tol, n_iter, hyper)
     else:
         key = jax.random.PRNGKey(0)
-        model = model.with_batch(n_init, em._RESTARTS)  # as fit_restarts does
-        lowered = em._restarts_jit.lower(model, x, None, key, tol, iters, n_init, len(w),
-                                         "random_from_data", {}, hyper)
-        dynamic = (x, None, key, tol, {}, hyper)
+        model = model.with_batch(n_init, em.RESTARTS_AXIS)  # as fit_restarts does
+        n_iter = jnp.int32(iters)
+        lowered = em._restarts_jit.lower(model, x, None, key, tol, n_iter, n_init, len(w),
+                                         "random_from_data", {}, hyper,
+                                         n_history=em.history_size(iters))
+        dynamic = (x, None, key, tol, n_iter, {}, hyper)
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t

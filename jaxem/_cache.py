@@ -55,3 +55,31 @@ def enable_persistent_cache() -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     _state["path"] = path
     return path
+
+
+# JAX's own timing events for the three stages of building a program.
+_COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "compile",
+}
+_totals: dict = {}
+
+
+def _listen(event: str, duration: float, **kwargs) -> None:
+    stage = _COMPILE_EVENTS.get(event)
+    if stage is not None:
+        _totals[stage] = _totals.get(stage, 0.0) + duration
+        if stage == "compile":
+            _totals["programs"] = _totals.get("programs", 0) + 1
+
+
+def compile_totals() -> dict:
+    """Seconds this process has spent tracing, lowering and compiling (XLA; a program
+    loaded from the persistent cache counts its lookup) and the number of programs built:
+    ``{"trace": s, "lower": s, "compile": s, "programs": n}``. Counting starts at the
+    first call (the ``jaxem`` command calls it at start-up)."""
+    if not _state.get("listening"):
+        jax.monitoring.register_event_duration_secs_listener(_listen)
+        _state["listening"] = True
+    return {"trace": 0.0, "lower": 0.0, "compile": 0.0, "programs": 0, **_totals}

@@ -246,30 +246,35 @@ def _parse_cov_types(spec: str) -> list[str]:
     return types
 
 
-def _criteria_table(x, ks, cov_types, n_init, seed, max_iter=500, tol=1e-3, reg_covar=1e-6):
-    """Fit every (K, type); BIC and AIC arrays of shape (len(ks), len(cov_types))."""
-    from jaxem.estimator import GaussianMixture
+def _search(x, ks, cov_types, n_init, seed, max_iter=100, tol=1e-3, reg_covar=1e-6,
+            criterion="bic"):
+    """Every (K, type) by :class:`jaxem.GaussianMixtureIC` (one program per type); the
+    fitted estimator, which is the chosen model."""
+    from jaxem.gaussian_mixture_ic import GaussianMixtureIC
 
-    models = {}
-    bic = np.full((len(ks), len(cov_types)), np.nan)
-    aic = np.full_like(bic, np.nan)
-    for i, k in enumerate(ks):
-        if k > x.shape[0]:
-            raise ValueError(f"K={k} is larger than the number of samples ({x.shape[0]})")
-        for j, ct in enumerate(cov_types):
-            gm = GaussianMixture(k, covariance_type=ct, n_init=n_init, random_state=seed,
-                                 max_iter=max_iter, tol=tol, reg_covar=reg_covar)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # reported per cell below, not as a stack
-                gm.fit(x)
-            models[k, ct] = gm
-            bic[i, j], aic[i, j] = gm.bic(x), gm.aic(x)
-    return models, bic, aic
+    if max(ks) > x.shape[0]:
+        raise ValueError(f"K={max(ks)} is larger than the number of samples ({x.shape[0]})")
+    gm = GaussianMixtureIC(ks, covariance_type=cov_types, criterion=criterion, n_init=n_init,
+                           random_state=seed, max_iter=max_iter, tol=tol, reg_covar=reg_covar)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported per cell by the caller, not as a stack
+        return gm.fit(x)
 
 
-def _bic_table(x, ks, cov_types, n_init, seed):
-    models, bic, _ = _criteria_table(x, ks, cov_types, n_init, seed)
-    return models, bic
+def _compile_totals() -> dict:
+    from jaxem._cache import compile_totals
+
+    return compile_totals()
+
+
+def _compile_line(start: dict) -> str:
+    """What compilation cost since ``start`` (a :func:`compile_totals` snapshot)."""
+    from jaxem._cache import compile_totals
+
+    now = compile_totals()
+    d = {k: now[k] - start[k] for k in now}
+    return (f"compilation: {d['compile']:.2f} s in {d['programs']} program(s) (XLA), "
+            f"tracing {d['trace']:.2f} s, lowering {d['lower']:.2f} s")
 
 
 def _format_table(ks, cov_types, bic, best) -> str:
@@ -300,11 +305,16 @@ def _demo(args) -> int:
     print(f"Fitting K = 1..{args.max_k} x covariance types {COVARIANCE_TYPES}, "
           f"{args.n_init} vmapped restarts each ...")
     t0 = time.perf_counter()
-    models, bic = _bic_table(x, ks, COVARIANCE_TYPES, args.n_init, args.seed)
-    i, j = np.unravel_index(np.nanargmin(bic), bic.shape)
-    best = (ks[i], COVARIANCE_TYPES[j])
-    gm = models[best]
-    print(f"done in {time.perf_counter() - t0:.1f} s\n")
+    compiled = _compile_totals()
+    gm = _search(x, ks, COVARIANCE_TYPES, args.n_init, args.seed, max_iter=500)
+    bic = gm.criteria_["bic"]
+    best = (gm.n_components_, gm.covariance_type_)
+    i, j = ks.index(best[0]), COVARIANCE_TYPES.index(best[1])
+    print(f"done in {time.perf_counter() - t0:.1f} s (one compiled program per covariance "
+          "type)")
+    if args.verbose:
+        print(_compile_line(compiled))
+    print()
     print("BIC (lower is better; * = chosen)")
     print(_format_table(ks, COVARIANCE_TYPES, bic, best))
     print(f"\nChosen model: K={best[0]}, covariance_type={best[1]!r}, BIC={bic[i, j]:.1f}")
@@ -364,7 +374,7 @@ def _summary(gm, x) -> str:
     lines = [f"converged={gm.converged_} after {gm.n_iter_} iterations; mean log-likelihood "
              f"{gm.lower_bound_:.6f}; BIC {gm.bic(x):.2f}; AIC {gm.aic(x):.2f}",
              "  comp  weight  mean"]
-    for k in range(gm.n_components):
+    for k in range(gm.means_.shape[0]):
         mean = ", ".join(f"{v:.4g}" for v in gm.means_[k][:8])
         more = ", ..." if gm.means_.shape[1] > 8 else ""
         lines.append(f"  {k:>4}  {gm.weights_[k]:.4f}  ({mean}{more})")
@@ -428,6 +438,7 @@ def _fit(args) -> int:
     print(f"{args.data}: {x.shape[0]} samples x {x.shape[1]} features; fitting K="
           f"{args.n_components} {args.covariance_type} with {args.n_init} vmapped restart(s)")
     t0 = time.perf_counter()
+    compiled = _compile_totals()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # float64 data: the estimator fits them in float32 unless --float64 turned x64 on,
@@ -439,6 +450,8 @@ def _fit(args) -> int:
         jax.effects_barrier()
     print(f"done in {time.perf_counter() - t0:.2f} s (best restart "
           f"{int(gm.fit_result_.best_index)})")
+    if args.verbose:
+        print(_compile_line(compiled))
     print(_summary(gm, x))
     for w in caught:
         print(f"jaxem fit: warning: {w.message}", file=sys.stderr)
@@ -488,21 +501,24 @@ def _select(args) -> int:
     print(f"{args.data}: {x.shape[0]} samples x {x.shape[1]} features; K in {ks}, "
           f"covariance types {cov_types}, {args.n_init} vmapped restart(s) each")
     t0 = time.perf_counter()
+    compiled = _compile_totals()
     x = _named(x, names)  # float64: cast by the estimator, as in fit
-    models, bic, aic = _criteria_table(x, ks, cov_types, args.n_init, args.seed,
-                                       args.max_iter, args.tol, args.reg_covar)
-    score = bic if args.criterion == "bic" else aic
-    i, j = np.unravel_index(np.nanargmin(score), score.shape)
-    best = (ks[i], cov_types[j])
-    print(f"done in {time.perf_counter() - t0:.1f} s\n")
-    for name, table in (("BIC", bic), ("AIC", aic)):
-        mark = best if name.lower() == args.criterion else None
-        print(f"{name} (lower is better{'; * = chosen' if mark else ''})")
-        print(_format_table(ks, cov_types, table, mark) + "\n")
-    gm = models[best]
+    gm = _search(x, ks, cov_types, args.n_init, args.seed, args.max_iter, args.tol,
+                 args.reg_covar, args.criterion)
+    best = (gm.n_components_, gm.covariance_type_)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    if args.verbose:
+        print(_compile_line(compiled))
+    print()
+    for name in ("bic", "aic", "icl"):
+        mark = best if name == args.criterion else None
+        print(f"{name.upper()} (lower is better{'; * = chosen' if mark else ''})")
+        print(_format_table(ks, cov_types, gm.criteria_[name], mark) + "\n")
     print(f"Chosen by {args.criterion.upper()}: K={best[0]}, covariance_type={best[1]!r}")
     print(_summary(gm, x))
-    not_converged = [f"K={k} {ct}" for (k, ct), m in models.items() if not m.converged_]
+    converged = gm.criteria_["converged"]
+    not_converged = [f"K={k} {ct}" for i, k in enumerate(ks) for j, ct in enumerate(cov_types)
+                     if not converged[i, j]]
     if not_converged:
         print(f"jaxem select: warning: did not converge within --max-iter: "
               f"{', '.join(not_converged)}", file=sys.stderr)
@@ -512,7 +528,8 @@ def _select(args) -> int:
         from jaxem.plot import _pyplot, plot_criteria, save_figure
 
         fig, ax = _pyplot().subplots(figsize=(6, 4))
-        plot_criteria(ks, {"BIC": bic, "AIC": aic}, cov_types, ax=ax)
+        plot_criteria(ks, {"BIC": gm.criteria_["bic"], "AIC": gm.criteria_["aic"]}, cov_types,
+                      ax=ax)
         save_figure(fig, args.plot)
         print(f"plot written to {args.plot}")
     return 0
@@ -589,6 +606,8 @@ def _add_fit_options(p, k_default=None):
                    help="added to covariance diagonals (default 1e-6)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--float64", action="store_true", help="compute in float64")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the time spent compiling")
     _add_column_options(p)
     p.add_argument("--out", metavar="MODEL.npz", help="save the (chosen) model here")
 
@@ -616,12 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--quiet", action="store_true", help="no per-iteration progress")
     fit.set_defaults(func=_fit)
 
-    select = sub.add_parser("select", help="choose K and covariance type by BIC or AIC",
-                            description="Fit every K and covariance type (restarts vmapped) "
-                            "and tabulate BIC and AIC.")
+    select = sub.add_parser("select", help="choose K and covariance type by BIC, AIC or ICL",
+                            description="Fit every K and covariance type (all K and restarts "
+                            "of a type in one compiled program) and tabulate BIC, AIC and ICL.")
     select.add_argument("data", help="data file: .npy, .npz or .csv")
     select.add_argument("--k", default="1:10", help="range a:b or list a,b,c (default 1:10)")
-    select.add_argument("--criterion", choices=["bic", "aic"], default="bic",
+    select.add_argument("--criterion", choices=["bic", "aic", "icl"], default="bic",
                         help="what chooses the model (default bic)")
     _add_fit_options(select, k_default=True)
     select.add_argument("--plot", metavar="PNG", help="write the BIC/AIC curves here")
@@ -655,15 +674,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-k", type=int, default=6, help="largest K tried (default 6)")
     demo.add_argument("--n-init", type=int, default=16, help="restarts per fit (default 16)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--verbose", action="store_true",
+                      help="also print the time spent compiling")
     demo.set_defaults(func=_demo)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxem._cache import enable_persistent_cache
+    from jaxem._cache import compile_totals, enable_persistent_cache
 
     enable_persistent_cache()  # before the first compilation; see jaxem/_cache.py
+    compile_totals()  # start counting compile time (printed with --verbose)
     try:
         return args.func(args)
     except BrokenPipeError:  # the reader of stdout went away (e.g. `| head`): stop quietly

@@ -148,12 +148,22 @@ class _Progress:
                 self.fn(int(r), int(i), float(v), float(c))
 
 
-def run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None,
+def history_size(max_iter: int) -> int:
+    """Length of the per-iteration history buffer for ``max_iter``: the next power of two
+    (at least 128), so that ``max_iter`` is traced, not a compile key, and nearby values
+    share one program. The drivers hand back its first ``max_iter`` entries."""
+    return max(128, 1 << max(int(max_iter) - 1, 0).bit_length())
+
+
+def run(model, x, weights, params, tol, max_iter, hyper, axis_name=None,
         progress: _Progress | None = None, restart=0, lower_bound=-jnp.inf,
-        param_tol=None) -> FitResult:
+        param_tol=None, n_history: int | None = None) -> FitResult:
     """The EM loop itself; traced inside jit (and vmap for restarts, shard_map for devices).
 
     ``lower_bound`` and ``param_tol``: see :func:`initial_state` and :func:`em_step`.
+    ``n_history`` (static): the history buffer's length, ``>= max_iter``, which may then be
+    traced; the whole buffer is returned. ``None``: ``max_iter`` (a Python int), and the
+    history is exactly ``max_iter`` long.
     """
     tol = jnp.asarray(tol, _ll_dtype(params))
 
@@ -171,12 +181,23 @@ def run(model, x, weights, params, tol, max_iter: int, hyper, axis_name=None,
                                (new.lower_bound - s.lower_bound)[None])
         return new
 
-    out = jax.lax.while_loop(cond, body, initial_state(params, max_iter, lower_bound))
-    return out._replace(lower_bounds=out.lower_bounds[:max_iter])
+    sized = n_history is not None
+    n_history = n_history if sized else max_iter
+    out = jax.lax.while_loop(cond, body, initial_state(params, n_history, lower_bound))
+    return out if sized else out._replace(lower_bounds=out.lower_bounds[:max_iter])
+
+
+def trim_history(result, max_iter: int):
+    """``result`` (a :class:`FitResult`, or a :class:`RestartsResult`) with its history
+    buffers cut to ``max_iter`` entries (see :func:`history_size`)."""
+    if isinstance(result, RestartsResult):
+        return RestartsResult(trim_history(result.best, max_iter), result.best_index,
+                              trim_history(result.restarts, max_iter))
+    return result._replace(lower_bounds=result.lower_bounds[..., :max_iter])
 
 
 _DATA = "data"  # the mesh axis the samples are sharded over
-_RESTARTS = "restarts"  # the vmap axis of fit_restarts
+RESTARTS_AXIS = "restarts"  # the vmap axis of fit_restarts
 
 
 def _over_devices(fn, mesh: Mesh | None):
@@ -200,25 +221,43 @@ def _over_devices(fn, mesh: Mesh | None):
     return wrapped
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_iter", "mesh", "progress"))
-def _fit_jit(model, x, weights, params, tol, max_iter, hyper, mesh=None, progress=None,
-             lower_bound=-jnp.inf):
+# Small programs are compiled with LLVM's optimisation off: on the CPU that halves the
+# compile time of a small fit (the best part of its total), at a cost in run time that only
+# shows on large data. "Small": rows × parameter entries × parameter sets at most this (the
+# Old Faithful search, full: 272 × 66 × 96 ≈ 1.7e6; iris, K = 3, full: 150 × 111).
+QUICK_COMPILE_MAX_WORK = 2**22
+QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def quick_compile(n_rows: int, params, batch: int = 1) -> bool:
+    """Whether a program over ``n_rows`` samples and ``batch`` sets of ``params`` (a pytree
+    or shapes of one set) is compiled with :data:`QUICK_COMPILE_OPTIONS`."""
+    entries = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(params))
+    return n_rows * max(entries, 1) * batch <= QUICK_COMPILE_MAX_WORK
+
+
+def jit_pair(fn, static_argnames):
+    """``(jit(fn), jit(fn) compiled quickly)``: the drivers pick one by
+    :func:`quick_compile`."""
+    return (jax.jit(fn, static_argnames=static_argnames),
+            jax.jit(fn, static_argnames=static_argnames, compiler_options=QUICK_COMPILE_OPTIONS))
+
+
+def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, progress=None,
+             lower_bound=-jnp.inf, n_history=128):
     axis = None if mesh is None else _DATA
-
-    def loop(x, weights, params, tol, hyper, lower_bound):
+    def loop(x, weights, params, tol, max_iter, hyper, lower_bound):
         return run(model, x, weights, params, tol, max_iter, hyper, axis, progress,
-                   lower_bound=lower_bound)
+                   lower_bound=lower_bound, n_history=n_history)
 
-    return _over_devices(loop, mesh)(x, weights, params, tol, hyper, lower_bound)
+    return _over_devices(loop, mesh)(x, weights, params, tol, max_iter, hyper, lower_bound)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("model", "max_iter", "n_init", "n_components", "init_method", "mesh",
-                     "progress"),
-)
-def _restarts_jit(model, x, weights, key, tol, max_iter, n_init, n_components, init_method,
-                  init_kwargs, hyper, mesh=None, progress=None):
+_fit_jit, _fit_jit_quick = jit_pair(_fit_program, ("model", "n_history", "mesh", "progress"))
+
+
+def _restarts_program(model, x, weights, key, tol, max_iter, n_init, n_components, init_method,
+                  init_kwargs, hyper, mesh=None, progress=None, n_history=128):
     keys = jax.random.split(key, n_init)
     # Initialisation sees the whole (possibly sharded) data; XLA partitions it.
     params0 = jax.vmap(
@@ -228,19 +267,25 @@ def _restarts_jit(model, x, weights, key, tol, max_iter, n_init, n_components, i
     )(keys)
     axis = None if mesh is None else _DATA
 
-    def loop(x, weights, params0, tol, hyper):
+    def loop(x, weights, params0, tol, max_iter, hyper):
         return jax.vmap(
-            lambda p, r: run(model, x, weights, p, tol, max_iter, hyper, axis, progress, r),
-            axis_name=_RESTARTS,
+            lambda p, r: run(model, x, weights, p, tol, max_iter, hyper, axis, progress, r,
+                             n_history=n_history),
+            axis_name=RESTARTS_AXIS,
         )(params0, jnp.arange(n_init))
 
-    runs = _over_devices(loop, mesh)(x, weights, params0, tol, hyper)
+    runs = _over_devices(loop, mesh)(x, weights, params0, tol, max_iter, hyper)
     # Pick the best on device: highest lower bound; a restart that never produced a finite
     # bound cannot win.
     score = jnp.where(jnp.isfinite(runs.lower_bound), runs.lower_bound, -jnp.inf)
     best_index = jnp.argmax(score).astype(jnp.int32)
     best = jax.tree_util.tree_map(lambda a: a[best_index], runs)
     return RestartsResult(best, best_index, runs)
+
+
+_restarts_jit, _restarts_jit_quick = jit_pair(
+    _restarts_program,
+    ("model", "n_history", "n_init", "n_components", "init_method", "mesh", "progress"))
 
 
 def _mesh_for(model, x, devices) -> Mesh | None:
@@ -343,7 +388,7 @@ def prepare(model, x, params, *, weights=None, tol=1e-3, max_iter=0, hyper=None,
             raise ValueError("params contain NaN or infinite values")
         if hasattr(model, "check_params"):
             model.check_params(params, x)
-    dtype = _floating_dtype(x) if params is None else _ll_dtype(params)
+    dtype = floating_dtype(x) if params is None else _ll_dtype(params)
     mesh = None if devices is False else _mesh_for(model, x, devices)
     if mesh is not None:
         x, weights = _shard_data(np.asarray(x, dtype), weights, mesh)
@@ -355,7 +400,7 @@ def prepare(model, x, params, *, weights=None, tol=1e-3, max_iter=0, hyper=None,
     return DriverInputs(x, weights, jnp.asarray(tol, dtype), hyper, mesh)
 
 
-def _floating_dtype(x):
+def floating_dtype(x):
     kind = x.dtype if isinstance(x, jax.Array) else np.asarray(x).dtype
     dtype = kind if jnp.issubdtype(kind, jnp.floating) else jnp.result_type(float)
     return jax.dtypes.canonicalize_dtype(dtype)
@@ -364,7 +409,7 @@ def _floating_dtype(x):
 def _as_float(x, dtype=None):
     """A floating JAX array. Host arrays go through ``device_put``: one copy of the data,
     where ``jnp.asarray`` makes two."""
-    dtype = _floating_dtype(x) if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
+    dtype = floating_dtype(x) if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
     if isinstance(x, jax.Array):
         return x.astype(dtype)
     return jax.device_put(np.asarray(x, dtype))
@@ -392,7 +437,9 @@ def fit(
       weights: optional (N,) non-negative per-sample weights.
       tol: stop when the mean log-likelihood changes by less than this (traced: changing it
         does not recompile). A negative ``tol`` runs exactly ``max_iter`` iterations.
-      max_iter: iteration cap (static: it sizes the history buffer).
+      max_iter: iteration cap (traced: the history buffer has :func:`history_size`
+        entries, so nearby values share one program; the result's history is cut to
+        ``max_iter``).
       devices: devices to shard the samples over (data parallelism). ``None``: all local
         devices when there are several, else a plain single-device fit.
       progress: optional ``progress(restart, iteration, log_likelihood, change)`` called on
@@ -410,9 +457,13 @@ def fit(
     _validation.check_real(lower_bound, "lower_bound", allow_negative_infinity=True)
     inp = prepare(model, x, params, weights=weights, tol=tol, max_iter=max_iter, hyper=hyper,
                   devices=devices)
-    return _fit_jit(model, inp.x, inp.weights, params, inp.tol, max_iter, inp.hyper,
-                    mesh=inp.mesh, progress=None if progress is None else _Progress(progress),
-                    lower_bound=jnp.asarray(lower_bound, inp.tol.dtype))
+    program = _fit_jit_quick if quick_compile(np.shape(inp.x)[0], params) else _fit_jit
+    result = program(model, inp.x, inp.weights, params, inp.tol, jnp.int32(max_iter),
+                      inp.hyper, mesh=inp.mesh,
+                      progress=None if progress is None else _Progress(progress),
+                      lower_bound=jnp.asarray(lower_bound, inp.tol.dtype),
+                      n_history=history_size(max_iter))
+    return trim_history(result, max_iter)
 
 
 def fit_restarts(
@@ -446,7 +497,7 @@ def fit_restarts(
       init_method: initialisation passed to ``model.init`` (static), e.g. ``"kmeans"``.
       weights: optional (N,) per-sample weights.
       tol: convergence tolerance (traced).
-      max_iter: iteration cap (static).
+      max_iter: iteration cap (traced, as in :func:`fit`).
       init_kwargs: extra traced arrays for ``model.init`` (e.g. ``means_init``).
       devices: as in :func:`fit`.
       progress: as in :func:`fit`; ``restart`` tells the restarts apart.
@@ -459,13 +510,111 @@ def fit_restarts(
     _validation.check_int(n_init, "n_init", 1)
     _validation.check_data(x, "x", min_samples=n_components)
     if hasattr(model, "with_batch"):
-        model = model.with_batch(n_init, _RESTARTS)
+        model = model.with_batch(n_init, RESTARTS_AXIS)
     inp = prepare(model, x, None, weights=weights, tol=tol, max_iter=max_iter, hyper=hyper,
                   devices=devices)
     dtype = inp.x.dtype
     init_kwargs = {k: jnp.asarray(v, dtype) for k, v in (init_kwargs or {}).items()}
-    return _restarts_jit(
-        model, inp.x, inp.weights, key, inp.tol, max_iter, n_init, n_components,
+    n, d = np.shape(inp.x)
+    shapes = (np.empty((n_components, d + 1)), np.empty((2 * n_components, d, d)))  # ~GMM
+    program = _restarts_jit_quick if quick_compile(n, shapes, n_init) else _restarts_jit
+    result = program(
+        model, inp.x, inp.weights, key, inp.tol, jnp.int32(max_iter), n_init, n_components,
         init_method, init_kwargs, inp.hyper, mesh=inp.mesh,
         progress=None if progress is None else _Progress(progress),
+        n_history=history_size(max_iter),
     )
+    return trim_history(result, max_iter)
+
+
+def _batch_program(model, x, weights, keys, tol, max_iter, n_init, n_components, init_method,
+                   hyper, n_history):
+    def one(xb, wb, kb):
+        return _restarts_program(model, xb, wb, kb, tol, max_iter, n_init, n_components,
+                                 init_method, {}, hyper, n_history=n_history)
+
+    return jax.vmap(one)(x, weights, keys)
+
+
+_batch_jit, _batch_jit_quick = jit_pair(
+    _batch_program, ("model", "n_init", "n_components", "init_method", "n_history"))
+
+
+def fit_batch(
+    model,
+    x: jax.typing.ArrayLike,
+    key: jax.Array,
+    *,
+    n_components: int,
+    n_init: int = 1,
+    init_method: str = "kmeans",
+    weights: jax.typing.ArrayLike | None = None,
+    tol: jax.typing.ArrayLike = 1e-3,
+    max_iter: int = 100,
+    **hyper,
+) -> RestartsResult:
+    """One mixture per dataset of a batch (B, N, D), all fitted in one compiled program.
+
+    Many small fits at once — one per image, bag or bootstrap resample — as a ``vmap`` of
+    :func:`fit_restarts` over the datasets; each dataset gets its own key (split from
+    ``key``) and stops on its own (a finished fit stays frozen while others go on). Datasets
+    of different sizes are padded to a common N and told apart by ``weights``: zero-weight
+    rows are exact padding. The fast paths of the E-step decide once for the whole batch, so
+    every iteration runs one sweep, not both.
+
+    Args:
+      model: the model (hashable, static).
+      x: (B, N, D) data.
+      key: PRNG key.
+      n_components: K (static).
+      n_init: restarts per dataset (static).
+      init_method: as in :func:`fit_restarts`.
+      weights: optional (B, N) non-negative weights (0 marks padding rows); every dataset
+        needs at least ``n_components`` rows of positive weight.
+      tol, max_iter, **hyper: as in :func:`fit`.
+
+    Returns:
+      :class:`RestartsResult` whose fields have a leading (B,) axis.
+    """
+    _validation.check_int(n_components, "n_components", 1)
+    _validation.check_int(n_init, "n_init", 1)
+    _validation.check_int(max_iter, "max_iter", 0)
+    if np.ndim(x) != 3:
+        raise ValueError(f"x must be 3-D (n_datasets, n_samples, n_features), got shape "
+                         f"{np.shape(x)}")
+    b, n, d = np.shape(x)
+    if b < 1 or n < 1 or d < 1:
+        raise ValueError(f"x must have at least one dataset, sample and feature, got shape "
+                         f"{np.shape(x)}")
+    dtype = floating_dtype(x)
+    xs = np.asarray(x, dtype)
+    if not np.all(np.isfinite(xs)):
+        raise ValueError("x contains NaN or infinite values")
+    if weights is None:
+        w = np.ones((b, n), dtype)
+    else:
+        w = np.asarray(weights, dtype)
+        if w.shape != (b, n):
+            raise ValueError(f"weights must have shape {(b, n)}, got {w.shape}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("weights must be finite and non-negative")
+    counts = np.sum(w > 0, axis=1)
+    if np.any(counts < n_components):
+        i = int(np.argmin(counts))
+        raise ValueError(f"dataset {i} has {int(counts[i])} sample(s) of positive weight, "
+                         f"fewer than n_components={n_components}")
+    hyper = _with_defaults(model, hyper)
+    for name, value in hyper.items():
+        _validation.check_real(value, name)
+    if hasattr(model, "check_hyper"):
+        model.check_hyper(**hyper)
+    _validation.check_real(tol, "tol", allow_negative_infinity=True)
+    if hasattr(model, "with_batch"):
+        model = model.with_batch(n_init, RESTARTS_AXIS)
+    shapes = (np.empty((n_components, d + 1)), np.empty((2 * n_components, d, d)))
+    program = _batch_jit_quick if quick_compile(n, shapes, n_init * b) else _batch_jit
+    result = program(model, jnp.asarray(xs), jnp.asarray(w), jax.random.split(key, b),
+                     jnp.asarray(tol, dtype), jnp.int32(max_iter), n_init, n_components,
+                     init_method, {k: jnp.asarray(v, dtype) for k, v in hyper.items()},
+                     history_size(max_iter))
+    return trim_history(result, max_iter)

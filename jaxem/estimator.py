@@ -23,6 +23,7 @@ import numpy as np
 from jaxem import _validation, elbo, em, gmm, io
 from jaxem._cache import enable_persistent_cache
 from jaxem._linalg import precisions_from_cholesky
+from jaxem._padding import pad_rows, padded_size
 
 try:  # scikit-learn is an optional peer.
     from sklearn.base import BaseEstimator as _BaseEstimator
@@ -335,6 +336,8 @@ class GaussianMixture(*_BASES):
         model = gmm.GaussianMixtureModel(self.covariance_type, self.chunk_size)
         dtype = X.dtype
         weights = None if sample_weight is None else np.asarray(sample_weight, dtype)
+        # Rows padded (weight 0) to a few sizes: a refit on a similar N reuses the program.
+        X, weights = pad_rows(X, weights)
 
         if self._continues_warm_start(X.shape[1]):
             # scikit-learn's warm start: one run continued across calls, so the first
@@ -471,8 +474,9 @@ class GaussianMixture(*_BASES):
         in float64, so that they get the nearest component's responsibility, not NaN."""
         raw = X
         X = self._check_X(X)  # raises NotFittedError before params_ is touched
-        with _precision_of(self.params_):
-            lj = np.asarray(_log_joint(self.params_, X))
+        n = X.shape[0]
+        with _precision_of(self.params_):  # rows padded: a new N is not a new program
+            lj = np.asarray(_log_joint(self.params_, pad_rows(X, None, padded_size(n))[0]))[:n]
         bad = ~np.all(np.isfinite(lj), axis=1)
         if bad.any():
             with _precision_of(np.float64):

@@ -41,6 +41,13 @@ class GMMParams:
 
     ``covariances`` and ``precisions_cholesky`` have the shape of the covariance type:
     full (K, D, D), tied (D, D), diag (K, D), spherical (K,).
+
+    A slot whose weight is exactly 0 is *dead*: it takes no responsibility, adds nothing
+    to the statistics or the parameter count, and the M-step keeps it dead (weight 0, mean
+    unchanged, unit covariance). So K live components can run inside a program built for
+    more slots (a model search over K is one program; see :func:`init`'s ``n_live``). A live
+    component never reaches weight 0: the M-step gives an empty one ``10·eps``, as
+    scikit-learn does.
     """
 
     weights: jax.Array  # (K,) mixing proportions, sum to 1
@@ -72,6 +79,7 @@ class GMMStats:
     sum_xx: jax.Array  # full (K, D, D), tied (D, D), diag/spherical (K, D): second moments
     shift: jax.Array  # (K, D) centring point of the moments
     covariance_type: str = dataclasses.field(default="full", metadata=dict(static=True))
+    live: jax.Array | None = None  # (K,) bool: slots in use (None: all); see GMMParams
 
 
 def make_params(
@@ -124,6 +132,12 @@ def make_params(
     return GMMParams(weights, means, covariances, prec_chol, covariance_type)
 
 
+def _log_weights(weights: jax.Array) -> jax.Array:
+    """(K,) log π_k, −inf for a dead slot (π_k = 0), with finite gradients everywhere."""
+    live = weights > 0
+    return jnp.where(live, jnp.log(jnp.where(live, weights, 1.0)), -jnp.inf)
+
+
 def _center(params: GMMParams) -> jax.Array:
     """(D,) the mixture mean Σ_k π_k μ_k, subtracted from every block first.
 
@@ -169,7 +183,7 @@ def _log_joint_t(params: GMMParams, xt: jax.Array, m: jax.Array) -> jax.Array:
     sq = _whitened_sq_t(params, xt, m)
     log_det = log_det_precision_cholesky(params.precisions_cholesky, params.covariance_type, d)
     log_det = jnp.broadcast_to(log_det, (params.n_components,))
-    return -0.5 * (d * _LOG_2PI + sq) + (log_det + jnp.log(params.weights))[:, None]
+    return -0.5 * (d * _LOG_2PI + sq) + (log_det + _log_weights(params.weights))[:, None]
 
 
 def _diag_log_joint(params: GMMParams, xc: jax.Array, m: jax.Array):
@@ -191,7 +205,8 @@ def _diag_log_joint(params: GMMParams, xc: jax.Array, m: jax.Array):
     z = jnp.concatenate([xc * xc, xc], axis=1)
     b = jnp.concatenate([-0.5 * p2, p2 * m], axis=1).T  # (2D, K)
     log_det = log_det_precision_cholesky(pc, params.covariance_type, d)
-    const = log_det + jnp.log(params.weights) - 0.5 * (d * _LOG_2PI + jnp.sum(p2 * m * m, axis=1))
+    const = (log_det + _log_weights(params.weights)
+             - 0.5 * (d * _LOG_2PI + jnp.sum(p2 * m * m, axis=1)))
     return jnp.matmul(z, b, precision=PRECISION) + const[None], z
 
 
@@ -372,7 +387,7 @@ def _full_quadratic_coefs(params: GMMParams, c: jax.Array):
     b_quad = -0.5 * lam[:, rows, cols] * weight.astype(lam.dtype)
     b = jnp.concatenate([b_quad, lm], axis=1).T  # (n_pairs + D, K)
     log_det = log_det_precision_cholesky(pc, "full", d)
-    const = log_det + jnp.log(params.weights) - 0.5 * (d * _LOG_2PI + jnp.sum(lm * m, axis=1))
+    const = log_det + _log_weights(params.weights) - 0.5 * (d * _LOG_2PI + jnp.sum(lm * m, axis=1))
     return b, const
 
 
@@ -558,7 +573,8 @@ def _e_step(params, x, w, chunk_size, axis_name, batch_axis, moments):
     w_sum = jnp.sum(w)
     if axis_name is not None:
         w_sum = jax.lax.psum(w_sum, axis_name)
-    stats = GMMStats(nk, sum_x, sum_xx, params.means, params.covariance_type)
+    stats = GMMStats(nk, sum_x, sum_xx, params.means, params.covariance_type,
+                     live=params.weights > 0)
     return stats, total / w_sum
 
 
@@ -639,7 +655,10 @@ def _likely_ill_conditioned(params: GMMParams, c=None) -> jax.Array:
     m = params.means - (_center(params) if c is None else c)[None]
     ratio = 1.0 + jnp.max(m * m / var, axis=1)
     # Small components come first too: their variances move most from one step to the next.
-    _, idx = jax.lax.top_k(ratio / (k * params.weights), -(-k // 8))
+    # Dead slots (weight 0) take no responsibility: never worth an exact slot.
+    live = params.weights > 0
+    score = jnp.where(live, ratio / (k * jnp.where(live, params.weights, 1.0)), -jnp.inf)
+    _, idx = jax.lax.top_k(score, -(-k // 8))
     return idx
 
 
@@ -707,7 +726,8 @@ def _quadratic_form_ok(params: GMMParams, c: jax.Array) -> jax.Array:
     so that the log-joints of the fast sweep are accurate. Known before the sweep."""
     lam = _precision_matrices(params.precisions_cholesky)
     risk = _quadratic_rounding(params.means - c[None], params.covariances, lam)
-    return jnp.all(risk <= QUADRATIC_FORM_RTOL)  # False on NaN
+    # False on NaN; dead slots (weight 0, no responsibility) do not count.
+    return jnp.all((risk <= QUADRATIC_FORM_RTOL) | (params.weights == 0))
 
 
 def _quadratic_moments(params: GMMParams, moments, total, c=None):
@@ -750,13 +770,16 @@ def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams
     Returns:
       New parameters: responsibility-weighted means, covariances and weights. A component
       with no responsibility keeps its previous mean and gets covariance ``reg_covar`` and
-      weight ~``10·eps``: finite, and free to pick up samples again.
+      weight ~``10·eps``: finite, and free to pick up samples again. A dead slot
+      (``stats.live`` False) gets weight 0, its previous mean and a unit covariance.
     """
     cov_type = stats.covariance_type
     dtype = stats.sum_x.dtype
     nk = stats.nk
+    live = jnp.ones(nk.shape, bool) if stats.live is None else stats.live
     # scikit-learn's guard against empty components: nk + 10 * eps.
     nk_eps = nk + 10 * jnp.finfo(dtype).eps
+    nk_live = jnp.where(live, nk_eps, 0.0)
     delta = stats.sum_x / nk_eps[:, None]  # (K, D) new mean minus shift
     means = stats.shift + delta
     # Σ_n r (d - δ)(d - δ)^T = S2 - (2 nk_eps - nk) δ δ^T, exactly as if centred on the new
@@ -768,15 +791,19 @@ def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams
         cov = cov + reg_covar * jnp.eye(cov.shape[-1], dtype=dtype)
     elif cov_type == "tied":
         outer = jnp.einsum("k,kd,ke->de", c, delta, delta, precision=PRECISION)
-        cov = (stats.sum_xx - outer) / jnp.sum(nk_eps)
+        cov = (stats.sum_xx - outer) / jnp.sum(nk_live)
         cov = cov + reg_covar * jnp.eye(cov.shape[-1], dtype=dtype)
     else:
         # Rounding (of the product-form moments in particular) cannot make a variance < 0.
         var = jnp.maximum(stats.sum_xx - c[:, None] * delta**2, 0.0) / nk_eps[:, None]
         var = var + reg_covar
         cov = var if cov_type == "diag" else jnp.mean(var, axis=1)
+    if cov_type != "tied":  # a dead slot: unit covariance, finite whatever reg_covar
+        dead = ~live.reshape((-1,) + (1,) * (cov.ndim - 1))
+        cov = jnp.where(dead, jnp.eye(cov.shape[-1], dtype=dtype) if cov_type == "full"
+                        else jnp.ones_like(cov), cov)
     cov = cov.astype(dtype)
-    weights = nk_eps / jnp.sum(nk_eps)
+    weights = nk_live / jnp.sum(nk_live)
     return GMMParams(weights, means, cov, precision_cholesky(cov, cov_type), cov_type)
 
 
@@ -786,26 +813,50 @@ def score_samples(params: GMMParams, x: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(log_joint(params, x), axis=1)
 
 
-def n_parameters(params: GMMParams) -> int:
-    """Number of free parameters (for BIC/AIC), as scikit-learn counts them."""
-    k, d = params.means.shape
+def n_parameters(params: GMMParams):
+    """Number of free parameters (for BIC/AIC), as scikit-learn counts them, of the live
+    components: an int, or a () int32 array when ``params`` are traced."""
+    d = params.n_features
+    if _validation.is_traced(params.weights):
+        k = jnp.sum(params.weights > 0).astype(jnp.int32)
+        return n_covariance_parameters(params.covariance_type, k, d) + k * d + k - 1
+    k = int(np.sum(np.asarray(params.weights) > 0))
     return int(n_covariance_parameters(params.covariance_type, k, d) + k * d + k - 1)
 
 
-def _resp_init(key, x, w, n_components: int, method: str):
+def _row_uniforms(key, n: int, k: int, dtype) -> jax.Array:
+    """(n, k) uniform variates, entry (i, j) from ``fold_in(fold_in(key, i), j)``: a row
+    does not depend on how many rows follow (zero-weight padding) nor a column on how many
+    slots there are (K live components inside a larger program)."""
+    def row(i):
+        ki = jax.random.fold_in(key, i)
+        return jax.vmap(lambda j: jax.random.uniform(jax.random.fold_in(ki, j), (), dtype))(
+            jnp.arange(k))
+    return jax.vmap(row)(jnp.arange(n))
+
+
+def _resp_init(key, x, w, n_components: int, method: str, n_live=None):
+    """(N, K) initial responsibilities; columns ``≥ n_live`` (dead slots) are zero."""
     n = x.shape[0]
+    live = jnp.arange(n_components) < (n_components if n_live is None else n_live)
     if method == "kmeans":
-        labels = kmeans(key, x, n_components, w).labels
+        labels = kmeans(key, x, n_components, w, n_live=n_live).labels
         return jax.nn.one_hot(labels, n_components, dtype=x.dtype)
     if method == "k-means++":
-        centers = kmeans_plusplus(key, x, n_components, w)
-        return jax.nn.one_hot(nearest_center(x, centers), n_components, dtype=x.dtype)
+        centers = kmeans_plusplus(key, x, n_components, w, n_live=n_live)
+        return jax.nn.one_hot(nearest_center(x, centers, n_live), n_components, dtype=x.dtype)
     if method == "random":
-        resp = jax.random.uniform(key, (n, n_components), x.dtype)
+        resp = jnp.where(live[None], _row_uniforms(key, n, n_components, x.dtype), 0.0)
         return resp / jnp.sum(resp, axis=1, keepdims=True)
-    # random_from_data: K distinct samples (drawn by weight), one per component.
-    idx = jax.random.choice(key, n, (n_components,), replace=False, p=w / jnp.sum(w))
-    return jnp.zeros((n, n_components), x.dtype).at[idx, jnp.arange(n_components)].set(1.0)
+    # random_from_data: K distinct samples, drawn by weight without replacement (Gumbel
+    # top-K, one variate per row), one per live component.
+    u = _row_uniforms(key, n, 1, x.dtype)[:, 0]
+    tiny = jnp.finfo(x.dtype).tiny
+    score = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)) - jnp.log(-jnp.log(
+        jnp.maximum(u, tiny))), -jnp.inf)
+    _, idx = jax.lax.top_k(score, n_components)
+    resp = jnp.zeros((n, n_components), x.dtype).at[idx, jnp.arange(n_components)].set(1.0)
+    return jnp.where(live[None], resp, 0.0)
 
 
 def init(
@@ -820,6 +871,7 @@ def init(
     weights_init: jax.Array | None = None,
     means_init: jax.Array | None = None,
     precisions_init: jax.Array | None = None,
+    n_live: jax.typing.ArrayLike | None = None,
 ) -> GMMParams:
     """Initial parameters, as scikit-learn's ``init_params``.
 
@@ -841,6 +893,10 @@ def init(
       weights_init: optional (K,) weights.
       means_init: optional (K, D) means.
       precisions_init: optional precisions in the shape of ``covariance_type``.
+      n_live: optional number of live components, 1..K (traced): the first ``n_live``
+        slots are initialised as an ``n_live``-component mixture (for ``kmeans`` and
+        ``k-means++``, exactly as with ``n_components=n_live`` and the same key), the rest
+        are dead (weight 0; see :class:`GMMParams`).
 
     Returns:
       :class:`GMMParams`.
@@ -848,30 +904,34 @@ def init(
     _validation.check_covariance_type(covariance_type)
     _validation.check_init_method(method)
     return _init(key, x, n_components, covariance_type, method, weights, reg_covar,
-                 weights_init, means_init, precisions_init)
+                 weights_init, means_init, precisions_init, n_live)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _init(key, x, n_components, covariance_type, method, weights, reg_covar, weights_init,
-          means_init, precisions_init):
+          means_init, precisions_init, n_live=None):
     x = jnp.asarray(x)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
     x = x.astype(dtype)
     w = jnp.ones(x.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
-    wr = w[:, None] * _resp_init(key, x, w, n_components, method)
+    wr = w[:, None] * _resp_init(key, x, w, n_components, method, n_live)
     # Two passes: centre the moments on the responsibility-weighted means first, so that
     # e.g. a single seed point gives a covariance of exactly reg_covar even in float32.
+    # The reference point is a sample of positive weight, not a weighted mean: it carries
+    # no rounding of its own (a float32 sum of values at 1e6 does, and XLA may compute it
+    # twice in different orders), and x − c is exact for the samples near it.
     nk = jnp.sum(wr, axis=0)
-    center = jnp.sum(w[:, None] * x, axis=0) / jnp.sum(w)
-    sums = jnp.matmul(wr.T, x, precision=PRECISION)
-    shift = jnp.where(nk[:, None] > 0, sums / jnp.where(nk > 0, nk, 1.0)[:, None], center)
+    center = x[jnp.argmax(w > 0)]
+    sums = jnp.matmul(wr.T, x - center[None], precision=PRECISION)
+    shift = center + jnp.where(nk[:, None] > 0, sums / jnp.where(nk > 0, nk, 1.0)[:, None], 0.0)
     chunk = auto_chunk_size(x.shape[0], n_components, x.shape[1], dtype, covariance_type)
     moments = _blockwise_sum(
         lambda xs, wrs: _moments_t(xs - center[None], wrs.T, shift - center[None],
                                    covariance_type),
         x, wr, chunk,
     )
-    params = m_step(GMMStats(*moments, shift, covariance_type), reg_covar)
+    live = jnp.arange(n_components) < (n_components if n_live is None else n_live)
+    params = m_step(GMMStats(*moments, shift, covariance_type, live=live), reg_covar)
     if weights_init is not None:
         params = dataclasses.replace(params, weights=jnp.asarray(weights_init, dtype))
     if means_init is not None:
@@ -1010,8 +1070,15 @@ class GaussianMixtureModel:
             key, x, n_components, self.covariance_type, method=method, weights=weights, **kwargs
         )
 
-    def n_parameters(self, params: GMMParams) -> int:
+    def n_parameters(self, params: GMMParams):
         return n_parameters(params)
+
+    def first_components(self, params: GMMParams, k: int) -> GMMParams:
+        """The mixture of the first ``k`` slots (the live ones of a model search)."""
+        cov = params.covariances if self.covariance_type == "tied" else params.covariances[:k]
+        pc = (params.precisions_cholesky if self.covariance_type == "tied"
+              else params.precisions_cholesky[:k])
+        return GMMParams(params.weights[:k], params.means[:k], cov, pc, self.covariance_type)
 
     def to_unconstrained(self, params: GMMParams) -> dict:
         """Parameters as free arrays for gradient-based fits (:func:`jaxem.fit_sgd`).

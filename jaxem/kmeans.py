@@ -52,25 +52,44 @@ def _sampling_order(xc: jax.Array) -> jax.Array:
     return jnp.argsort(jnp.matmul(xc, direction, precision=PRECISION))
 
 
-def _draw(key, mass: jax.Array, order: jax.Array, shape=()) -> jax.Array:
-    """Row indices drawn with probability ∝ ``mass`` (N,) by inverse CDF over ``order``.
+def _draw(u: jax.Array, mass: jax.Array, order: jax.Array) -> jax.Array:
+    """Row indices drawn with probability ∝ ``mass`` (N,) by inverse CDF over ``order``,
+    for uniform variates ``u`` in [0, 1) of any shape.
 
     The CDF and the uniform draw resolve 2⁻²⁴ of the total mass in float32: at N ≳ 1e7 a
     single ordinary point's chance is coarse, while the points k-means++ wants (far ones,
     of large mass) are drawn accurately.
     """
     cdf = jnp.cumsum(mass[order])
-    u = jax.random.uniform(key, shape, mass.dtype) * cdf[-1]
     # side="right": a row of zero mass (an empty interval) is never drawn, even at u = 0.
-    pos = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), mass.shape[0] - 1)
+    pos = jnp.minimum(jnp.searchsorted(cdf, u * cdf[-1], side="right"), mass.shape[0] - 1)
     return order[pos]
 
 
-def _plusplus(key, xc, x_sq, w, n_clusters: int, n_local_trials: int):
+def _uniforms(key, n: int, dtype) -> jax.Array:
+    """(n,) uniform variates, the i-th from ``fold_in(key, i)``: the first m of them do not
+    depend on n, so a search over K draws for K live clusters exactly what a K-cluster
+    program draws."""
+    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (), dtype))(
+        jnp.arange(n))
+
+
+def _plusplus(key, xc, x_sq, w, n_clusters: int, n_live=None):
+    """Greedy k-means++ in ``n_clusters`` slots, of which the first ``n_live`` (traced;
+    default all) get centres; the others stay at 0 (the data's centre) and are dead.
+
+    The centres of the live slots equal those of an ``n_live``-cluster run with the same
+    key: the i-th centre's candidates come from the i-th key of the same split chain, one
+    ``fold_in`` per candidate, and only the first :func:`_default_trials` (``n_live``) of
+    the candidates compete.
+    """
     n, d = xc.shape
+    n_live = n_clusters if n_live is None else n_live
+    max_trials = _default_trials(n_clusters)
+    n_trials = jnp.asarray([_default_trials(k) for k in range(1, n_clusters + 1)])[n_live - 1]
     order = _sampling_order(xc)
     key, first = jax.random.split(key)
-    idx0 = _draw(first, w, order)
+    idx0 = _draw(jax.random.uniform(first, (), xc.dtype), w, order)
     centers = jnp.zeros((n_clusters, d), xc.dtype).at[0].set(xc[idx0])
     closest = _sq_distances(xc, x_sq, xc[idx0][None])[:, 0]
 
@@ -80,22 +99,36 @@ def _plusplus(key, xc, x_sq, w, n_clusters: int, n_local_trials: int):
         mass = w * closest
         # Where every point already sits on a centre (duplicates), sample by weight alone.
         mass = jnp.where(jnp.sum(mass) > 0, mass, w)
-        cand = _draw(sub, mass, order, (n_local_trials,))
+        cand = _draw(_uniforms(sub, max_trials, xc.dtype), mass, order)
         d_cand = _sq_distances(xc, x_sq, xc[cand])  # (N, T)
         new_closest = jnp.minimum(closest[:, None], d_cand)
-        best = jnp.argmin(jnp.sum(w[:, None] * new_closest, axis=0))
-        return centers.at[i].set(xc[cand[best]]), new_closest[:, best], key
+        pot = jnp.sum(w[:, None] * new_closest, axis=0)
+        best = jnp.argmin(jnp.where(jnp.arange(max_trials) < n_trials, pot, jnp.inf))
+        live = i < n_live
+        return (centers.at[i].set(jnp.where(live, xc[cand[best]], centers[i])),
+                jnp.where(live, new_closest[:, best], closest), key)
 
     centers, _, _ = jax.lax.fori_loop(1, n_clusters, body, (centers, closest, key))
     return centers
 
 
+def _live_mask(n_clusters: int, n_live) -> jax.Array:
+    return jnp.arange(n_clusters) < (n_clusters if n_live is None else n_live)
+
+
+def _nearest(xc, x_sq, centers, live) -> jax.Array:
+    d2 = jnp.where(live[None], _sq_distances(xc, x_sq, centers), jnp.inf)
+    return jnp.argmin(d2, axis=1), jnp.min(d2, axis=1)
+
+
 @jax.jit
-def nearest_center(x: jax.Array, centers: jax.Array) -> jax.Array:
-    """(N,) index of the nearest of ``centers`` (K, D) for each row of ``x`` (N, D)."""
-    offset = jnp.mean(centers, axis=0)
+def nearest_center(x: jax.Array, centers: jax.Array, n_live=None) -> jax.Array:
+    """(N,) index of the nearest of ``centers`` (K, D) for each row of ``x`` (N, D); with
+    ``n_live``, of the first ``n_live`` centres only."""
+    live = _live_mask(centers.shape[0], n_live)
+    offset = jnp.sum(jnp.where(live[:, None], centers, 0.0), axis=0) / jnp.sum(live)
     xc = x - offset
-    return jnp.argmin(_sq_distances(xc, jnp.sum(xc**2, axis=1), centers - offset), axis=1)
+    return _nearest(xc, jnp.sum(xc**2, axis=1), centers - offset, live)[0]
 
 
 def _default_trials(n_clusters: int) -> int:
@@ -108,7 +141,8 @@ def _default_trials(n_clusters: int) -> int:
 # one by one. Inside a caller's jit/vmap they are simply inlined.
 @functools.partial(jax.jit, static_argnames="n_clusters")
 def kmeans_plusplus(
-    key: jax.Array, x: jax.Array, n_clusters: int, weights: jax.Array | None = None
+    key: jax.Array, x: jax.Array, n_clusters: int, weights: jax.Array | None = None,
+    n_live: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     """Greedy k-means++ seeding.
 
@@ -117,13 +151,15 @@ def kmeans_plusplus(
       x: (N, D) data.
       n_clusters: number of centres K (static).
       weights: optional (N,) non-negative sample weights.
+      n_live: optional (traced) number of centres to seed, 1..K: the rest are dead slots
+        (at the data's mean). The live centres equal an ``n_live``-centre seeding's.
 
     Returns:
-      (K, D) centres, each one of the data points.
+      (K, D) centres, each live one a data point.
     """
     xc, w, offset = _prepare(x, weights)
     x_sq = jnp.sum(xc**2, axis=1)
-    return _plusplus(key, xc, x_sq, w, n_clusters, _default_trials(n_clusters)) + offset
+    return _plusplus(key, xc, x_sq, w, n_clusters, n_live) + offset
 
 
 @functools.partial(jax.jit, static_argnames="n_clusters")
@@ -134,6 +170,7 @@ def kmeans(
     weights: jax.Array | None = None,
     max_iter: int = 300,
     tol: float = 1e-4,
+    n_live: jax.typing.ArrayLike | None = None,
 ) -> KMeansResult:
     """k-means: k-means++ seeding, then Lloyd iterations until the centres stop moving.
 
@@ -145,19 +182,21 @@ def kmeans(
       max_iter: cap on Lloyd iterations.
       tol: stop when the total squared centre shift is below ``tol`` times the mean
         per-feature variance of the data (scikit-learn's rule).
+      n_live: optional (traced) number of clusters in use, 1..K; the other slots are dead
+        (no points, centre at the data's mean). Gives an ``n_live``-cluster run's result.
 
     Returns:
       :class:`KMeansResult`. A cluster that loses all its points keeps its previous centre.
     """
     xc, w, offset = _prepare(x, weights)
     x_sq = jnp.sum(xc**2, axis=1)
-    centers = _plusplus(key, xc, x_sq, w, n_clusters, _default_trials(n_clusters))
+    centers = _plusplus(key, xc, x_sq, w, n_clusters, n_live)
+    live = _live_mask(n_clusters, n_live)
     w_sum = jnp.sum(w)
     threshold = tol * jnp.mean(jnp.sum(w[:, None] * xc**2, axis=0) / w_sum)
 
     def assign(c):
-        nearest = jnp.argmin(_sq_distances(xc, x_sq, c), axis=1)
-        return jax.nn.one_hot(nearest, n_clusters, dtype=xc.dtype)
+        return jax.nn.one_hot(_nearest(xc, x_sq, c, live)[0], n_clusters, dtype=xc.dtype)
 
     def cond(state):
         _, shift, it = state
@@ -173,7 +212,7 @@ def kmeans(
 
     init_state = (centers, jnp.asarray(jnp.inf, xc.dtype), jnp.asarray(0, jnp.int32))
     centers, _, n_iter = jax.lax.while_loop(cond, body, init_state)
-    d2 = _sq_distances(xc, x_sq, centers)
-    labels = jnp.argmin(d2, axis=1).astype(jnp.int32)
-    inertia = jnp.sum(w * jnp.min(d2, axis=1))
+    labels, d2 = _nearest(xc, x_sq, centers, live)
+    labels = labels.astype(jnp.int32)
+    inertia = jnp.sum(w * d2)
     return KMeansResult(centers + offset, labels, inertia, n_iter)

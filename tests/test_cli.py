@@ -4,6 +4,7 @@ subprocess pays JAX's import and every compilation again)."""
 
 import contextlib
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -144,10 +145,12 @@ def test_select_table_choice_plot_and_model(data_files, tmp_path):
     d, x = data_files
     png, model = tmp_path / "sel.png", tmp_path / "best.npz"
     out = run("select", str(d / "x.npy"), "--k", "1:2", "--covariance-type", "full,diag",
-              "--plot", str(png), "--out", str(model))
+              "--plot", str(png), "--out", str(model), "--verbose")
     assert out.returncode == 0, out.stderr
     bic_block = out.stdout.split("BIC (lower is better; * = chosen)")[1].split("AIC")[0]
-    assert "AIC (lower is better)" in out.stdout
+    assert "AIC (lower is better)" in out.stdout and "ICL (lower is better)" in out.stdout
+    seconds = re.search(r"compilation: ([0-9.]+) s in (\d+) program", out.stdout)
+    assert seconds and float(seconds.group(1)) >= 0 and int(seconds.group(2)) >= 0
     rows = [ln.split() for ln in bic_block.strip().splitlines()[1:]]
     values = np.array([[float(v.rstrip("*")) for v in r[1:]] for r in rows])
     i, j = np.unravel_index(np.argmin(values), values.shape)

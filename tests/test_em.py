@@ -10,7 +10,7 @@ from conftest import make_blobs
 from helpers import tree_allclose
 
 import jaxem
-from jaxem import gmm
+from jaxem import em, gmm
 
 COV_TYPES = ["full", "tied", "diag", "spherical"]
 
@@ -101,7 +101,13 @@ def test_changing_tol_reg_covar_or_data_does_not_recompile(rng):
     jaxem.fit_restarts(model, -x, jax.random.PRNGKey(1), n_components=2, n_init=3, tol=1e-2,
                        reg_covar=1e-2)
     assert len(TRACES) == n
-    jaxem.fit(model, x, params, max_iter=101)  # max_iter sizes the history: compiles again
+    # max_iter is traced: any value within the default's history size shares its program ...
+    for max_iter in (1, 7, 101, em.history_size(100)):
+        r = jaxem.fit(model, x, params, max_iter=max_iter, tol=-1.0)
+        assert int(r.n_iter) == max_iter and r.lower_bounds.shape == (max_iter,)
+    assert len(TRACES) == n
+    # ... and a larger one needs a longer history buffer: one more program.
+    jaxem.fit(model, x, params, max_iter=em.history_size(100) + 1)
     assert len(TRACES) == n + 1
 
 

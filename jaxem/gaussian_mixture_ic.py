@@ -1,0 +1,137 @@
+"""``jaxem.GaussianMixtureIC``: a Gaussian mixture that chooses K and the covariance type.
+
+scikit-learn has no estimator that picks the number of components (its users have asked:
+scikit-learn issues #19338 and #4580); its docs loop over K and compare ``bic``. This one
+runs that loop as :func:`jaxem.select` — one compiled program per covariance type — and then
+behaves as the chosen :class:`jaxem.GaussianMixture` (``predict``, ``score``, ``sample``,
+``save``, ...), with the whole criteria table kept as ``criteria_``. Named after
+scikit-learn's ``LassoLarsIC``, which chooses its regularisation by an information criterion.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxem import _validation, em, search
+from jaxem._cache import enable_persistent_cache
+from jaxem.estimator import GaussianMixture, _seed
+
+
+class GaussianMixtureIC(GaussianMixture):
+    """Gaussian mixture whose K and covariance type are chosen by BIC, AIC or ICL.
+
+    Args:
+      n_components: the numbers of components to try (an int or a sequence; default 1..6).
+      covariance_type: a type, a sequence of types, or ``"all"`` (default).
+      criterion: ``"bic"`` (default), ``"aic"`` or ``"icl"`` (lower is better).
+      tol, reg_covar, max_iter, n_init, init_params, random_state, verbose, chunk_size: as
+        :class:`jaxem.GaussianMixture`'s, for every candidate.
+
+    Attributes (after ``fit``), besides those of :class:`jaxem.GaussianMixture` for the
+    chosen model:
+      n_components_: the chosen K.
+      covariance_type_: the chosen covariance type.
+      criteria_: dict with ``"n_components"`` (the ks), ``"covariance_type"`` (the types) and
+        (len(ks), len(types)) tables ``"bic"``, ``"aic"``, ``"icl"``, ``"log_likelihood"``,
+        ``"n_parameters"``, ``"converged"``, ``"n_iter"``.
+      search_: the :class:`jaxem.search.SearchResult` (every cell's parameters too).
+    """
+
+    def __init__(
+        self,
+        n_components=(1, 2, 3, 4, 5, 6),
+        *,
+        covariance_type="all",
+        criterion="bic",
+        tol=1e-3,
+        reg_covar=1e-6,
+        max_iter=100,
+        n_init=1,
+        init_params="kmeans",
+        random_state=None,
+        verbose=0,
+        chunk_size=None,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.criterion = criterion
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.random_state = random_state
+        self.verbose = verbose
+        self.chunk_size = chunk_size
+
+    def _check_parameters(self):
+        search.check_ks(self.n_components)
+        search.check_covariance_types(self.covariance_type)
+        if self.criterion not in search.CRITERIA:
+            raise ValueError(f"criterion must be one of {search.CRITERIA}, got "
+                             f"{self.criterion!r}")
+        _validation.check_real(self.tol, "tol")
+        _validation.check_real(self.reg_covar, "reg_covar", minimum=0.0)
+        _validation.check_int(self.max_iter, "max_iter", 0)
+        _validation.check_int(self.n_init, "n_init", 1)
+        _validation.check_init_method(self.init_params)
+        _validation.check_int(self.verbose, "verbose", 0)
+        if self.chunk_size is not None:
+            _validation.check_int(self.chunk_size, "chunk_size", 1)
+
+    # The warm start and the fixed initial parameters of GaussianMixture do not apply here.
+    warm_start = False
+    verbose_interval = 10
+    weights_init = means_init = precisions_init = None
+
+    def fit(self, X, y=None, sample_weight=None):
+        """Fit every candidate (:func:`jaxem.select`) and keep the best by ``criterion``.
+
+        Args:
+          X: (N, D) data.
+          y: ignored (scikit-learn API).
+          sample_weight: optional (N,) non-negative weights.
+
+        Returns:
+          self, fitted as the chosen mixture.
+        """
+        self._check_parameters()
+        enable_persistent_cache()
+        ks = search.check_ks(self.n_components)
+        X = self._check_X(X, min_samples=ks[-1], reset=True)
+        _validation.check_sample_weight(sample_weight, X.shape[0])
+        result = search.select(
+            X, ks, self.covariance_type, criterion=self.criterion, n_init=self.n_init,
+            init_method=self.init_params, weights=sample_weight, tol=self.tol,
+            max_iter=self.max_iter, reg_covar=self.reg_covar, seed=_seed(self.random_state),
+            chunk_size=self.chunk_size,
+        )
+        self.search_ = result
+        self.criteria_ = {
+            "n_components": np.asarray(result.ks), "covariance_type": list(
+                result.covariance_types),
+            **{name: np.array(getattr(result, name)) for name in
+               ("bic", "aic", "icl", "log_likelihood", "n_parameters", "converged", "n_iter")},
+        }
+        k, cov_type = result.best
+        self.n_components_, self.covariance_type_ = k, cov_type
+        i, j = result.ks.index(k), result.covariance_types.index(cov_type)
+        history = result.lower_bounds[k, cov_type]
+        best = em.FitResult(
+            params=result.params[k, cov_type],
+            lower_bound=history[-1] if len(history) else -np.inf,
+            lower_bounds=history, n_iter=result.n_iter[i, j],
+            converged=result.converged[i, j], failed=result.failed[i, j],
+        )
+        if self.verbose:
+            print(f"{result.criterion.upper()} (lower is better), rows K {list(result.ks)}, "
+                  f"columns {list(result.covariance_types)}:\n{result.table()}")
+            print(f"chosen: K={k}, covariance_type={cov_type!r}")
+        self._set_fitted(best, X.shape[1])
+        return self
+
+    @classmethod
+    def load(cls, path) -> GaussianMixture:
+        """The saved mixture as a :class:`jaxem.GaussianMixture` (the file holds the chosen
+        model, not the search)."""
+        return GaussianMixture.load(path)

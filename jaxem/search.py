@@ -1,0 +1,234 @@
+"""Model search: every (K, restart) of a covariance type in one compiled program.
+
+A mixture with ``K_max`` slots can run K live components with the rest dead (weight 0; see
+:class:`jaxem.gmm.GMMParams`), so the whole grid ``K ∈ ks`` × ``n_init`` restarts is one
+``vmap`` of the EM loop over (number of live components, key) pairs: one compilation per
+covariance type, whatever the ks. The criteria are computed on device from each K's best
+restart:
+
+    BIC = −2 log L + p log n         AIC = −2 log L + 2p
+    ICL = BIC − 2 Σₙ wₙ log rₙ,ĉₙ     (ĉₙ the hard assignment; Biernacki, Celeux & Govaert 2000)
+
+with ``log L`` the (weighted) log-likelihood at the final parameters, ``p`` the number of
+free parameters of the live components and ``n`` the (weighted) number of samples; lower is
+better for all three, as in scikit-learn. The search is generic over the model contract: a
+model whose ``init`` takes ``n_live`` and whose ``n_parameters`` counts live components.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxem import _validation, em
+from jaxem._linalg import COVARIANCE_TYPES, covariance_shape
+from jaxem._padding import pad_rows
+from jaxem.gmm import GaussianMixtureModel
+
+CRITERIA = ("bic", "aic", "icl")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """Result of :func:`select`. Tables are (len(ks), len(covariance_types)), rows K."""
+
+    ks: tuple  # the numbers of components tried
+    covariance_types: tuple  # the covariance types tried
+    criterion: str  # "bic", "aic" or "icl": the one ``best`` minimises
+    bic: np.ndarray  # (n_ks, n_types)
+    aic: np.ndarray
+    icl: np.ndarray
+    log_likelihood: np.ndarray  # mean log-likelihood per sample at the final parameters
+    n_parameters: np.ndarray  # free parameters
+    converged: np.ndarray  # bool: the best restart of the cell converged
+    failed: np.ndarray  # bool: a non-finite value stopped it (last finite params kept)
+    n_iter: np.ndarray  # EM iterations of the best restart
+    lower_bounds: dict  # (K, type) -> per-iteration mean log-likelihood of the best restart
+    params: dict  # (K, type) -> GMMParams with K components (the best restart's)
+    best: tuple  # (K, type) with the lowest value of ``criterion``
+
+    def table(self, criterion: str | None = None) -> np.ndarray:
+        """The (n_ks, n_types) table of ``criterion`` (default: the one searched on)."""
+        return getattr(self, _check_criterion(criterion or self.criterion))
+
+
+def _check_criterion(criterion) -> str:
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    return criterion
+
+
+def check_ks(ks, n_samples: int | None = None) -> tuple:
+    """The numbers of components as a sorted tuple of distinct ints >= 1 (and <= N)."""
+    if isinstance(ks, int | np.integer):
+        ks = [ks]
+    try:
+        ks = list(ks)
+    except TypeError:
+        raise TypeError(f"ks must be an int or a sequence of ints, got {ks!r}") from None
+    if not ks:
+        raise ValueError("ks is empty: give at least one number of components")
+    for k in ks:
+        _validation.check_int(k, "ks", 1)
+    ks = tuple(sorted({int(k) for k in ks}))
+    if n_samples is not None and ks[-1] > n_samples:
+        raise ValueError(f"ks: K={ks[-1]} is larger than the number of samples ({n_samples})")
+    return ks
+
+
+def check_covariance_types(types) -> tuple:
+    types = COVARIANCE_TYPES if types == "all" else (types,) if isinstance(types, str) else types
+    types = tuple(types)
+    if not types:
+        raise ValueError("covariance_types is empty")
+    for t in types:
+        _validation.check_covariance_type(t)
+    return tuple(dict.fromkeys(types))
+
+
+def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max, n_init,
+                init_method, n_history):
+    """Every (K, restart) of ``n_live`` (n_ks,) × ``n_init`` in one vmap; per K the best
+    restart, its final log-likelihood, ICL term and parameter count."""
+    keys = jax.random.split(key, n_init)
+    pair_k = jnp.repeat(n_live, n_init)
+    pair_key = jnp.tile(keys, (n_live.shape[0], 1))
+
+    def one(k, live):
+        p0 = model.init(k, x, k_max, weights=weights, method=init_method, n_live=live, **hyper)
+        return em.run(model, x, weights, p0, tol, max_iter, hyper, n_history=n_history)
+
+    runs = jax.vmap(one, axis_name=em.RESTARTS_AXIS)(pair_key, pair_k)
+    runs = jax.tree_util.tree_map(lambda a: a.reshape(n_live.shape[0], n_init, *a.shape[1:]),
+                                  runs)
+    score = jnp.where(jnp.isfinite(runs.lower_bound), runs.lower_bound, -jnp.inf)
+    best_index = jnp.argmax(score, axis=1)
+    best = jax.tree_util.tree_map(lambda a: jax.vmap(lambda r, i: r[i])(a, best_index), runs)
+
+    def evaluate(params):  # one K at a time: O(N·K) memory, not O(n_ks·N·K)
+        lj = model.log_joint(params, x)
+        log_norm = jax.nn.logsumexp(lj, axis=1)  # (N,) log p(x_n)
+        w = jnp.ones_like(log_norm) if weights is None else weights
+        hard = jnp.max(lj, axis=1) - log_norm  # log r at the hard assignment
+        return (jnp.sum(w * jnp.where(w > 0, log_norm, 0.0)),
+                jnp.sum(w * jnp.where(w > 0, hard, 0.0)),
+                model.n_parameters(params))
+
+    log_lik, log_r_hard, n_params = jax.lax.map(evaluate, best.params)
+    return best, best_index, log_lik, log_r_hard, n_params
+
+
+_search_jit, _search_jit_quick = em.jit_pair(
+    _search_program, ("model", "k_max", "n_init", "init_method", "n_history"))
+
+
+def select(
+    x,
+    ks=range(1, 7),
+    covariance_types=COVARIANCE_TYPES,
+    *,
+    criterion: str = "bic",
+    n_init: int = 1,
+    init_method: str = "kmeans",
+    weights=None,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    reg_covar: float = 1e-6,
+    seed: int = 0,
+    chunk_size: int | None = None,
+) -> SearchResult:
+    """Fit every K in ``ks`` and covariance type, ``n_init`` restarts each; score by BIC,
+    AIC and ICL.
+
+    One compiled program per covariance type runs all K and restarts at once (a ``vmap`` of
+    the EM loop over (K, restart) pairs in a ``max(ks)``-slot mixture); the rows are padded
+    to a few sizes (:mod:`jaxem._padding`), so neither N nor the ks nor ``max_iter`` nor
+    ``tol`` are compile keys beyond ``max(ks)`` (the slots), ``n_init``, the data's width
+    and the covariance type. Each cell equals ``GaussianMixture(K, n_init=n_init,
+    random_state=seed)`` fitted on its own (same keys, same initialisation).
+
+    Args:
+      x: (N, D) data.
+      ks: numbers of components to try (an int or a sequence).
+      covariance_types: a type, a sequence of them, or ``"all"``.
+      criterion: ``"bic"``, ``"aic"`` or ``"icl"``: what ``best`` minimises.
+      n_init: restarts per (K, type); the best by final lower bound is kept.
+      init_method: ``kmeans``, ``k-means++``, ``random`` or ``random_from_data``.
+      weights: optional (N,) sample weights (then n = Σ w in the criteria).
+      tol, max_iter, reg_covar: as :class:`jaxem.GaussianMixture`'s.
+      seed: random seed (the same keys for every K and type).
+      chunk_size: optional E-step block size.
+
+    Returns:
+      :class:`SearchResult`; cells that failed (a non-finite value) keep their last finite
+      parameters and say so in ``failed``.
+    """
+    _check_criterion(criterion)
+    types = check_covariance_types(covariance_types)
+    x = _validation.check_data(x, "x")
+    ks = check_ks(ks, np.shape(x)[0])
+    _validation.check_int(n_init, "n_init", 1)
+    _validation.check_init_method(init_method)
+    _validation.check_int(max_iter, "max_iter", 0)
+    _validation.check_real(tol, "tol", allow_negative_infinity=True)
+    _validation.check_real(reg_covar, "reg_covar", minimum=0.0)
+    _validation.check_int(seed, "seed", 0)
+    if seed >= 2**32:
+        raise ValueError(f"seed must be below 2**32, got {seed}")
+    _validation.check_sample_weight(weights, np.shape(x)[0], "weights")
+    x = np.asarray(x)
+    dtype = em.floating_dtype(x)
+    x = np.asarray(x, dtype)
+    n = x.shape[0]
+    w_sum = float(n if weights is None else np.sum(weights))
+    xp, wp = pad_rows(x, weights)
+    k_max = ks[-1]
+    n_live = jnp.asarray(ks, jnp.int32)
+    key = jax.random.PRNGKey(seed)
+    shape = (len(ks), len(types))
+    tables = {name: np.full(shape, np.nan) for name in
+              ("bic", "aic", "icl", "log_likelihood", "n_parameters", "n_iter")}
+    converged, failed = np.zeros(shape, bool), np.zeros(shape, bool)
+    lower_bounds, params = {}, {}
+    for j, cov_type in enumerate(types):
+        model = GaussianMixtureModel(cov_type, chunk_size).with_batch(
+            len(ks) * n_init, em.RESTARTS_AXIS)
+        inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter,
+                         hyper={"reg_covar": reg_covar})
+        cells = len(ks) * n_init
+        cov = covariance_shape(cov_type, k_max, x.shape[1])
+        shapes = (np.empty((k_max, x.shape[1] + 1)), np.empty(cov), np.empty(cov))
+        program = (_search_jit_quick if em.quick_compile(xp.shape[0], shapes, cells)
+                   else _search_jit)
+        best, _, log_lik, log_r_hard, n_params = program(
+            model, inp.x, inp.weights, key, n_live, inp.tol, jnp.int32(max_iter),
+            inp.hyper, k_max, n_init, init_method, em.history_size(max_iter))
+        log_lik, log_r_hard = np.asarray(log_lik, float), np.asarray(log_r_hard, float)
+        n_params = np.asarray(n_params, float)
+        tables["log_likelihood"][:, j] = log_lik / w_sum
+        tables["n_parameters"][:, j] = n_params
+        tables["bic"][:, j] = -2 * log_lik + n_params * np.log(w_sum)
+        tables["aic"][:, j] = -2 * log_lik + 2 * n_params
+        tables["icl"][:, j] = tables["bic"][:, j] - 2 * log_r_hard
+        n_iter = np.asarray(best.n_iter)
+        tables["n_iter"][:, j] = n_iter
+        converged[:, j] = np.asarray(best.converged)
+        failed[:, j] = np.asarray(best.failed)
+        history = np.asarray(best.lower_bounds)
+        cells = jax.device_get(best.params)  # sliced on the host: no program per cell
+        for i, k in enumerate(ks):
+            lower_bounds[k, cov_type] = history[i, :n_iter[i]]
+            one = jax.tree_util.tree_map(lambda a, i=i: a[i], cells)
+            params[k, cov_type] = model.first_components(one, k)
+    score = tables[criterion]
+    i, j = np.unravel_index(np.argmin(np.where(np.isfinite(score), score, np.inf)), shape)
+    return SearchResult(
+        ks=ks, covariance_types=types, criterion=criterion, bic=tables["bic"],
+        aic=tables["aic"], icl=tables["icl"], log_likelihood=tables["log_likelihood"],
+        n_parameters=tables["n_parameters"].astype(int), converged=converged, failed=failed,
+        n_iter=tables["n_iter"].astype(int), lower_bounds=lower_bounds, params=params,
+        best=(ks[i], types[j]),
+    )

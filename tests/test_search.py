@@ -1,0 +1,199 @@
+"""Components as data (dead slots), the model search in one program per covariance type,
+rows padded so that N is not a compile key, and batches of small fits."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_blobs
+from helpers import log_joint_oracle
+from test_em import _count_conds
+
+import jaxem
+from jaxem import em, gmm, search
+from jaxem._padding import MIN_ROWS, padded_size
+
+COV_TYPES = ["full", "tied", "diag", "spherical"]
+
+
+def _with_dead_slots(params, k_max):
+    """``params`` with ``k_max - K`` dead slots appended (weight 0, arbitrary finite values)."""
+    k, d = params.means.shape
+    extra = k_max - k
+    cov_type = params.covariance_type
+    if cov_type == "tied":
+        cov = params.covariances
+    else:
+        fill = {"full": np.eye(d) * 3.0, "diag": np.full(d, 2.0), "spherical": 0.5}[cov_type]
+        cov = np.concatenate([params.covariances, np.broadcast_to(fill, (extra,) + np.shape(
+            fill))])
+    return gmm.make_params(np.concatenate([params.weights, np.zeros(extra)]),
+                           np.concatenate([params.means, np.full((extra, d), 7.0)]), cov,
+                           cov_type)
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_k_live_components_in_a_larger_program_equal_the_k_program(x64, rng, cov_type, k):
+    x = make_blobs(rng, n_per=60, k=3, d=3)
+    p0 = gmm.init(jax.random.PRNGKey(1), x, k, cov_type)
+    model = gmm.GaussianMixtureModel(cov_type)
+    small = jaxem.fit(model, x, p0, tol=1e-12, max_iter=40)
+    big = jaxem.fit(model, x, _with_dead_slots(p0, 5), tol=1e-12, max_iter=40)
+    assert int(big.n_iter) == int(small.n_iter)
+    np.testing.assert_allclose(big.lower_bounds, small.lower_bounds, rtol=1e-10)
+    live = model.first_components(big.params, k)
+    for name in ("weights", "means", "covariances", "precisions_cholesky"):
+        np.testing.assert_allclose(getattr(live, name), getattr(small.params, name),
+                                   rtol=1e-10, atol=1e-12)
+    # Dead slots stay dead: weight exactly 0, no responsibility, not counted.
+    assert np.all(np.asarray(big.params.weights)[k:] == 0)
+    lj = gmm.log_joint(big.params, x)
+    assert np.all(np.exp(np.asarray(jaxem.elbo.posterior(lj)))[:, k:] == 0)
+    np.testing.assert_allclose(lj[:, :k], log_joint_oracle(small.params, x), rtol=1e-9)
+    assert gmm.n_parameters(big.params) == gmm.n_parameters(small.params)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "k-means++", "random"])
+def test_init_of_n_live_slots_equals_the_n_live_component_init(x64, rng, method):
+    x = make_blobs(rng, n_per=40, k=4, d=2)
+    for k in (1, 2, 4):
+        small = gmm.init(jax.random.PRNGKey(3), x, k, "full", method=method)
+        big = gmm.init(jax.random.PRNGKey(3), x, 6, "full", method=method, n_live=k)
+        np.testing.assert_allclose(big.means[:k], small.means, rtol=1e-10)
+        np.testing.assert_allclose(big.covariances[:k], small.covariances, rtol=1e-10)
+        np.testing.assert_allclose(big.weights[:k], small.weights, rtol=1e-10)
+        assert np.all(np.asarray(big.weights)[k:] == 0)
+
+
+def _programs():
+    return sum(f._cache_size() for f in (search._search_jit, search._search_jit_quick))
+
+
+def test_a_search_is_one_program_per_type_and_each_cell_equals_its_own_fit(x64, rng):
+    x = make_blobs(rng, n_per=50, k=3, d=2)
+    before = _programs()
+    result = jaxem.select(x, range(1, 7), ["full", "diag"], n_init=2, seed=4)
+    assert _programs() - before <= 2
+    # Another N in the same row bucket, another seed, tol and max_iter: no new program.
+    again = jaxem.select(x[:140], range(1, 7), ["full", "diag"], n_init=2, seed=5, tol=1e-4,
+                         max_iter=60)
+    assert _programs() - before <= 2
+    assert again.bic.shape == (6, 2)
+    for k in (1, 3, 6):
+        for j, cov_type in enumerate(["full", "diag"]):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm = jaxem.GaussianMixture(k, covariance_type=cov_type, n_init=2,
+                                           random_state=4).fit(x)
+            i = result.ks.index(k)
+            np.testing.assert_allclose(result.bic[i, j], gm.bic(x), rtol=1e-9)
+            np.testing.assert_allclose(result.aic[i, j], gm.aic(x), rtol=1e-9)
+            assert result.n_iter[i, j] == gm.n_iter_
+            assert result.n_parameters[i, j] == gm._n_parameters()
+    # ICL = BIC − 2 Σ log r at the hard assignments (Biernacki et al. 2000), from scipy.
+    for (k, cov_type), params in result.params.items():
+        lj = log_joint_oracle(params, x)
+        log_r = lj - np.logaddexp.reduce(lj, axis=1, keepdims=True)
+        i, j = result.ks.index(k), result.covariance_types.index(cov_type)
+        np.testing.assert_allclose(result.icl[i, j],
+                                   result.bic[i, j] - 2 * np.sum(np.max(log_r, axis=1)),
+                                   rtol=1e-9)
+    best = np.unravel_index(np.argmin(result.bic), result.bic.shape)
+    assert result.best == (result.ks[best[0]], result.covariance_types[best[1]]) == (3, "full")
+
+
+def test_search_validates_before_compiling(rng):
+    x = rng.normal(size=(20, 2))
+    with pytest.raises(ValueError, match="larger than the number of samples"):
+        jaxem.select(x, [1, 30])
+    with pytest.raises(ValueError, match="criterion"):
+        jaxem.select(x, [1, 2], criterion="bicc")
+    with pytest.raises(ValueError, match="covariance_type"):
+        jaxem.select(x, [1, 2], ["ful"])
+    with pytest.raises(TypeError, match="ks"):
+        jaxem.select(x, [1.5])
+
+
+def test_gaussian_mixture_ic_chooses_k_and_type_and_acts_as_the_chosen_mixture(rng):
+    x = make_blobs(rng, n_per=80, k=3, d=2, sep=8.0)
+    gm = jaxem.GaussianMixtureIC(range(1, 6), covariance_type=["full", "spherical"],
+                                 n_init=2, random_state=0).fit(x)
+    assert gm.n_components_ == 3 and gm.means_.shape == (3, 2)
+    assert gm.criteria_["bic"].shape == (5, 2)
+    i, j = np.unravel_index(np.argmin(gm.criteria_["bic"]), (5, 2))
+    assert (i + 1, gm.criteria_["covariance_type"][j]) == (3, gm.covariance_type_)
+    np.testing.assert_allclose(gm.bic(x), gm.criteria_["bic"][i, j], rtol=1e-4)
+    assert len(np.unique(gm.predict(x))) == 3
+    from sklearn.base import clone
+
+    assert clone(gm).get_params()["n_components"] == range(1, 6)
+    icl = jaxem.GaussianMixtureIC([2, 3], criterion="icl", covariance_type="full",
+                                  random_state=0).fit(x)
+    assert icl.n_components_ == 3 and np.all(icl.criteria_["icl"] >= icl.criteria_["bic"])
+
+
+@pytest.mark.parametrize("init_params", ["kmeans", "random", "random_from_data"])
+def test_refits_on_nearby_sizes_compile_once_and_equal_the_unpadded_fit(x64, rng,
+                                                                        init_params):
+    x = make_blobs(rng, n_per=60, k=3, d=2)
+    assert padded_size(100) == padded_size(150) == MIN_ROWS
+    programs = em._restarts_jit_quick._cache_size()
+    fits = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n in (100, 120, 150):
+            fits[n] = jaxem.GaussianMixture(3, init_params=init_params, n_init=2,
+                                            random_state=1, tol=1e-6).fit(x[:n])
+    assert em._restarts_jit_quick._cache_size() - programs <= 1
+    model = gmm.GaussianMixtureModel("full")
+    for n, gm in fits.items():
+        exact = em.fit_restarts(model, x[:n], jax.random.PRNGKey(1), n_components=3, n_init=2,
+                                init_method=init_params, tol=1e-6)
+        np.testing.assert_allclose(gm.means_, exact.best.params.means, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(gm.lower_bound_, exact.best.lower_bound, rtol=1e-10)
+        np.testing.assert_array_equal(gm.predict(x[:n]), np.argmax(
+            gmm.log_joint(gm.params_, x[:n]), axis=1))
+
+
+def test_a_batch_of_ragged_datasets_is_one_program_and_equals_separate_fits(x64, rng):
+    sizes = [30, 45, 60]
+    data = [make_blobs(rng, n_per=n // 3, k=3, d=2) for n in sizes]
+    n_max = max(sizes)
+    x = np.stack([np.concatenate([d, np.zeros((n_max - len(d), 2))]) for d in data])
+    w = np.stack([np.arange(n_max) < len(d) for d in data]).astype(float)
+    key = jax.random.PRNGKey(0)
+    model = gmm.GaussianMixtureModel("full")
+    batch = jaxem.fit_batch(model, x, key, n_components=3, n_init=2, weights=w, tol=1e-8)
+    assert batch.best.params.means.shape == (3, 3, 2)
+    for b, (d, k) in enumerate(zip(data, jax.random.split(key, 3), strict=True)):
+        one = em.fit_restarts(model, d, k, n_components=3, n_init=2, tol=1e-8)
+        np.testing.assert_allclose(batch.best.params.means[b], one.best.params.means,
+                                   rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(batch.best.lower_bound[b], one.best.lower_bound, rtol=1e-10)
+    with pytest.raises(ValueError, match="dataset 1 has 2 sample"):
+        jaxem.fit_batch(model, x, key, n_components=3, weights=w * (np.arange(n_max) < 2) *
+                        np.array([1, 1, 1])[:, None] + w * np.array([1, 0, 1])[:, None])
+    with pytest.raises(ValueError, match="3-D"):
+        jaxem.fit_batch(model, x[0], key, n_components=3)
+
+
+@pytest.mark.parametrize("cov_type", ["full", "diag"])
+def test_a_batch_keeps_every_fast_path_guard_a_cond(rng, cov_type):
+    # A batched predicate would turn each guard into a select running both sweeps; the
+    # batch program keeps the conds of the single-dataset program (gmm._all_batch_members).
+    xs = np.stack([make_blobs(rng, n_per=20, k=2, d=2) for _ in range(4)]).astype(np.float32)
+    model = gmm.GaussianMixtureModel(cov_type, moments="product").with_batch(
+        1, em.RESTARTS_AXIS)
+    hyper = {"reg_covar": jnp.float32(1e-6)}
+
+    def program(x, keys):
+        return em._batch_program(model, x, jnp.ones(x.shape[:2]), keys, 1e-3, 10, 1, 2,
+                                 "kmeans", hyper, 16)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    single = _count_conds(jax.make_jaxpr(program)(xs[:1], keys[:1]).jaxpr)
+    batched = _count_conds(jax.make_jaxpr(program)(xs, keys).jaxpr)
+    assert single >= 1 and batched == single
