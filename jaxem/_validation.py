@@ -24,6 +24,16 @@ def is_traced(*arrays) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(arrays))
 
 
+def under_transformation() -> bool:
+    """True inside any JAX trace (jit, vmap, grad, ...), even when every argument at hand is
+    concrete (closed over by the caller's function)."""
+    try:
+        from jax._src import core
+    except ImportError:  # pragma: no cover - a JAX without it: assume a trace
+        return True
+    return not getattr(core, "trace_state_clean", lambda: False)()
+
+
 def check_covariance_type(covariance_type) -> str:
     if covariance_type not in COVARIANCE_TYPES:
         raise ValueError(

@@ -232,6 +232,8 @@ QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 def quick_compile(n_rows: int, params, batch: int = 1) -> bool:
     """Whether a program over ``n_rows`` samples and ``batch`` sets of ``params`` (a pytree
     or shapes of one set) is compiled with :data:`QUICK_COMPILE_OPTIONS`."""
+    if _validation.under_transformation():
+        return False  # compiler options belong to a top-level jit only
     entries = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(params))
     return n_rows * max(entries, 1) * batch <= QUICK_COMPILE_MAX_WORK
 
@@ -253,7 +255,7 @@ def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, pro
     return _over_devices(loop, mesh)(x, weights, params, tol, max_iter, hyper, lower_bound)
 
 
-_fit_jit, _fit_jit_quick = jit_pair(_fit_program, ("model", "n_history", "mesh", "progress"))
+_fit_jit = jax.jit(_fit_program, static_argnames=("model", "n_history", "mesh", "progress"))
 
 
 def _restarts_program(model, x, weights, key, tol, max_iter, n_init, n_components, init_method,
@@ -457,8 +459,9 @@ def fit(
     _validation.check_real(lower_bound, "lower_bound", allow_negative_infinity=True)
     inp = prepare(model, x, params, weights=weights, tol=tol, max_iter=max_iter, hyper=hyper,
                   devices=devices)
-    program = _fit_jit_quick if quick_compile(np.shape(inp.x)[0], params) else _fit_jit
-    result = program(model, inp.x, inp.weights, params, inp.tol, jnp.int32(max_iter),
+    # Always the optimised program: a fit vmapped inside the caller's jit (which cannot take
+    # compiler options) then rounds exactly as the same fit called on its own.
+    result = _fit_jit(model, inp.x, inp.weights, params, inp.tol, jnp.int32(max_iter),
                       inp.hyper, mesh=inp.mesh,
                       progress=None if progress is None else _Progress(progress),
                       lower_bound=jnp.asarray(lower_bound, inp.tol.dtype),

@@ -62,3 +62,13 @@ def test_bench_sgd_smoke():
     assert rows[0].startswith("| method | iterations to target |")
     assert [r.split("|")[1].strip() for r in rows[2:]] == ["EM", "adam lr=0.03"]
     assert rows[2].split("|")[2].strip().isdigit()  # EM reaches its own target
+
+
+def test_bench_small_smoke():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_small.py"), "--rows", "batch",
+         "--n-datasets", "4", "--n-sklearn", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("ratio") == 2 and "4 datasets x 200 pts" in out.stdout

@@ -1,0 +1,203 @@
+"""Small and medium fits: time per *question*, compilation included, against scikit-learn.
+
+Every row runs jaxem and scikit-learn side by side on this machine and prints the ratio.
+Process-level rows start fresh Python processes (import included), once with an empty
+compilation cache ("cold") and once more with the cache the first run left ("warm").
+
+    python benchmarks/bench_small.py            # all the quick rows (~2 minutes on 2 cores)
+    python benchmarks/bench_small.py --rows demo,batch --n-datasets 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SKLEARN_GRID = """
+import warnings
+import numpy as np
+from sklearn.mixture import GaussianMixture
+from jaxem.datasets import load_old_faithful
+x, _ = load_old_faithful()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    for k in range({max_k}):
+        for ct in ("full", "tied", "diag", "spherical"):
+            GaussianMixture(k + 1, covariance_type=ct, n_init={n_init}, max_iter=500,
+                            random_state=0).fit(x).bic(x)
+"""
+
+IRIS = """
+import time
+from sklearn.datasets import load_iris
+x = load_iris().data
+import {module} as lib
+t0 = time.perf_counter()
+lib.GaussianMixture(3, random_state=0).fit(x)
+t1 = time.perf_counter()
+lib.GaussianMixture(3, random_state=0).fit(x[:120])
+t2 = time.perf_counter()
+print(t1 - t0, t2 - t1)
+"""
+
+GRID_SEARCH = """
+import time, warnings
+from sklearn.datasets import load_wine
+from sklearn.model_selection import GridSearchCV
+from sklearn.preprocessing import StandardScaler
+import {module} as lib
+x = StandardScaler().fit_transform(load_wine().data)
+t0 = time.perf_counter()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    GridSearchCV(lib.GaussianMixture(random_state=0),
+                 {{"n_components": list(range(1, 7))}}, cv=5).fit(x)
+print(time.perf_counter() - t0)
+"""
+
+
+def _env(cache: str) -> dict:
+    env = dict(os.environ, XDG_CACHE_HOME=cache)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    return env
+
+
+def _timed(cmd, env) -> tuple[float, str]:
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    return time.perf_counter() - t, out.stdout
+
+
+def _jaxem(*args) -> list[str]:
+    return [sys.executable, "-m", "jaxem.cli", *args]
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def row(name, jaxem_s, sklearn_s, note=""):
+    print(f"{name:<44} jaxem {jaxem_s:8.2f} s   scikit-learn {sklearn_s:8.2f} s   "
+          f"ratio {jaxem_s / sklearn_s:6.2f}x {note}", flush=True)
+
+
+def bench_demo(n_init: int):
+    with tempfile.TemporaryDirectory() as cache:
+        env = _env(cache)
+        sk, _ = _timed(_py(SKLEARN_GRID.format(max_k=6, n_init=n_init)), env)
+        cold, _ = _timed(_jaxem("demo", "--n-init", str(n_init)), env)
+        warm, _ = _timed(_jaxem("demo", "--n-init", str(n_init)), env)
+    row(f"demo K=1..6 x 4 types, n_init={n_init}, cold", cold, sk, "(process start to exit)")
+    row(f"demo K=1..6 x 4 types, n_init={n_init}, warm", warm, sk)
+
+
+def bench_select():
+    from jaxem.datasets import load_old_faithful
+
+    x, names = load_old_faithful()
+    with tempfile.TemporaryDirectory() as cache:
+        csv = Path(cache) / "faithful.csv"
+        import numpy as np
+
+        np.savetxt(csv, x, delimiter=",", header=",".join(names), comments="")
+        env = _env(cache)
+        sk, _ = _timed(_py(SKLEARN_GRID.format(max_k=5, n_init=1)), env)
+        args = ("select", str(csv), "--k", "1:5", "--covariance-type", "all")
+        cold, _ = _timed(_jaxem(*args), env)
+        warm, _ = _timed(_jaxem(*args), env)
+    row("select faithful K=1..5 x 4 types, cold", cold, sk, "(targets: 5 s cold, 2 s warm)")
+    row("select faithful K=1..5 x 4 types, warm", warm, sk)
+
+
+def bench_iris():
+    with tempfile.TemporaryDirectory() as cache:
+        env = _env(cache)
+        _, out = _timed(_py(IRIS.format(module="sklearn.mixture")), env)
+        sk_fit, sk_refit = map(float, out.split())
+        _, out = _timed(_py(IRIS.format(module="jaxem")), env)
+        cold_fit, cold_refit = map(float, out.split())
+        _, out = _timed(_py(IRIS.format(module="jaxem")), env)
+        warm_fit, _ = map(float, out.split())
+    row("GaussianMixture(3).fit(iris), cold", cold_fit, sk_fit, "(after import)")
+    row("GaussianMixture(3).fit(iris), warm", warm_fit, sk_fit)
+    row("refit on 120 of the rows (same process)", cold_refit, sk_refit)
+
+
+def bench_grid_search():
+    with tempfile.TemporaryDirectory() as cache:
+        env = _env(cache)
+        _, out = _timed(_py(GRID_SEARCH.format(module="sklearn.mixture")), env)
+        sk = float(out)
+        _, out = _timed(_py(GRID_SEARCH.format(module="jaxem")), env)
+        cold = float(out)
+    row("GridSearchCV K=1..6, 5 folds, wine, cold", cold, sk, "(target 3 s)")
+
+
+def bench_batch(n_datasets: int, n_sklearn: int):
+    import warnings
+
+    import jax
+    import numpy as np
+    from sklearn.mixture import GaussianMixture
+
+    import jaxem
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(n_datasets, 3, 2)) * 4
+    labels = rng.integers(0, 3, size=(n_datasets, 200))
+    x = centres[np.arange(n_datasets)[:, None], labels] + rng.normal(size=(n_datasets, 200, 2))
+    x = x.astype(np.float32)
+    model = jaxem.GaussianMixtureModel("full")
+    t = time.perf_counter()
+    jax.block_until_ready(jaxem.fit_batch(model, x, jax.random.PRNGKey(0), n_components=3))
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    jax.block_until_ready(jaxem.fit_batch(model, x, jax.random.PRNGKey(1), n_components=3))
+    again = time.perf_counter() - t
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(n_sklearn):
+            GaussianMixture(3, random_state=0).fit(x[i])
+    sk = (time.perf_counter() - t) * n_datasets / n_sklearn
+    row(f"{n_datasets} datasets x 200 pts, K=3 full, first", first, sk,
+        "(compile included; this process's cache)")
+    row(f"{n_datasets} datasets x 200 pts, K=3 full, again", again, sk, "(compiled)")
+
+
+ROWS = {"demo": None, "select": bench_select, "iris": bench_iris,
+        "gridsearch": bench_grid_search, "batch": None}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(
+        ROWS))
+    parser.add_argument("--n-datasets", type=int, default=1000)
+    parser.add_argument("--n-sklearn", type=int, default=200,
+                        help="datasets scikit-learn fits (its time is scaled to all)")
+    args = parser.parse_args()
+    rows = [r.strip() for r in args.rows.split(",")]
+    for r in rows:
+        if r not in ROWS:
+            parser.error(f"unknown row {r!r}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    for r in rows:
+        if r == "demo":
+            bench_demo(4)
+            bench_demo(16)
+        elif r == "batch":
+            bench_batch(args.n_datasets, min(args.n_sklearn, args.n_datasets))
+        else:
+            ROWS[r]()
+
+
+if __name__ == "__main__":
+    main()
