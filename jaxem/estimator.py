@@ -151,6 +151,23 @@ def _precision_of(params_or_dtype):
 _sample = jax.jit(gmm.sample, static_argnames="n_samples")
 
 
+# Component slots of a small fit: K rounded up to a multiple of this.
+COMPONENT_SLOTS = 8
+
+
+def _is_small(slots: int, n_rows: int, n_features: int, n_init: int = 1) -> bool:
+    shapes = (np.empty((slots, n_features + 1)), np.empty((2 * slots, n_features, n_features)))
+    return em.quick_compile(n_rows, shapes, n_init)
+
+
+def _slots(n_components: int, n_rows: int, n_features: int, n_init: int = 1) -> int:
+    """Slots for K components: a multiple of :data:`COMPONENT_SLOTS` where the program is
+    small enough to compile quickly anyway (:func:`jaxem.em.quick_compile`, where the dead
+    slots' work is negligible), else K itself."""
+    slots = -(-n_components // COMPONENT_SLOTS) * COMPONENT_SLOTS
+    return slots if _is_small(slots, n_rows, n_features, n_init) else n_components
+
+
 def _seed(random_state) -> int:
     if random_state is None:
         return int(np.random.default_rng().integers(2**31 - 1))
@@ -354,13 +371,22 @@ class GaussianMixture(*_BASES):
             # With every initial parameter given, all restarts would be identical.
             n_init = 1 if len(init_kwargs) == 3 else self.n_init
             key = jax.random.PRNGKey(_seed(self.random_state))
+            # A small fit runs its K components in a program of _slots(K) (dead slots), so
+            # that K = 1..8 share one program (a search over K, GridSearchCV).
+            slots = self.n_components if init_kwargs else _slots(
+                self.n_components, X.shape[0], X.shape[1], n_init)
+            if not init_kwargs and _is_small(slots, X.shape[0], X.shape[1], n_init):
+                init_kwargs = {"n_live": self.n_components}
             self.fit_result_ = em.fit_restarts(
-                model, X, key, n_components=self.n_components, n_init=n_init,
+                model, X, key, n_components=slots, n_init=n_init,
                 init_method=self.init_params, weights=weights, tol=self.tol,
                 max_iter=self.max_iter, init_kwargs=init_kwargs, progress=progress,
                 reg_covar=self.reg_covar,
             )
         best = self.fit_result_.best
+        if best.params.n_components > self.n_components:
+            best = best._replace(params=model.first_components(
+                jax.device_get(best.params), self.n_components))
         if self.max_iter == 0 and not bool(best.failed):
             # No E-step ran: the bound of the initial parameters, not -inf.
             _, ll = model.e_step(best.params, X, weights)
@@ -474,9 +500,13 @@ class GaussianMixture(*_BASES):
         in float64, so that they get the nearest component's responsibility, not NaN."""
         raw = X
         X = self._check_X(X)  # raises NotFittedError before params_ is touched
-        n = X.shape[0]
-        with _precision_of(self.params_):  # rows padded: a new N is not a new program
-            lj = np.asarray(_log_joint(self.params_, pad_rows(X, None, padded_size(n))[0]))[:n]
+        n, k = X.shape[0], self.params_.n_components
+        n_rows = padded_size(n)
+        # Rows padded, and a small model's components padded with dead slots as in fit: a
+        # new N or K is not a new program.
+        params = gmm.pad_components(self.params_, _slots(k, n_rows, X.shape[1]))
+        with _precision_of(self.params_):
+            lj = np.asarray(_log_joint(params, pad_rows(X, None, n_rows)[0]))[:n, :k]
         bad = ~np.all(np.isfinite(lj), axis=1)
         if bad.any():
             with _precision_of(np.float64):

@@ -24,7 +24,9 @@ class GaussianMixtureIC(GaussianMixture):
       n_components: the numbers of components to try (an int or a sequence; default 1..6).
       covariance_type: a type, a sequence of types, or ``"all"`` (default).
       criterion: ``"bic"`` (default), ``"aic"`` or ``"icl"`` (lower is better).
-      tol, reg_covar, max_iter, n_init, init_params, random_state, verbose, chunk_size: as
+      init_params: ``"k-means++"`` (default), another method or a tuple of methods; see
+        :func:`jaxem.select`'s ``init_method``.
+      tol, reg_covar, max_iter, n_init, random_state, verbose, chunk_size: as
         :class:`jaxem.GaussianMixture`'s, for every candidate.
 
     Attributes (after ``fit``), besides those of :class:`jaxem.GaussianMixture` for the
@@ -47,7 +49,7 @@ class GaussianMixtureIC(GaussianMixture):
         reg_covar=1e-6,
         max_iter=100,
         n_init=1,
-        init_params="kmeans",
+        init_params="k-means++",
         random_state=None,
         verbose=0,
         chunk_size=None,
@@ -74,7 +76,9 @@ class GaussianMixtureIC(GaussianMixture):
         _validation.check_real(self.reg_covar, "reg_covar", minimum=0.0)
         _validation.check_int(self.max_iter, "max_iter", 0)
         _validation.check_int(self.n_init, "n_init", 1)
-        _validation.check_init_method(self.init_params)
+        for method in ((self.init_params,) if isinstance(self.init_params, str)
+                       else self.init_params):
+            _validation.check_init_method(method)
         _validation.check_int(self.verbose, "verbose", 0)
         if self.chunk_size is not None:
             _validation.check_int(self.chunk_size, "chunk_size", 1)

@@ -813,6 +813,29 @@ def score_samples(params: GMMParams, x: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(log_joint(params, x), axis=1)
 
 
+def pad_components(params: GMMParams, n_slots: int) -> GMMParams:
+    """``params`` with dead slots appended up to ``n_slots`` components (weight 0, mean 0,
+    unit covariance), as NumPy arrays of the params' dtype: the same mixture in a program
+    built for more components (see :class:`GMMParams`)."""
+    k, d = params.means.shape
+    if n_slots <= k:
+        return params
+    extra = n_slots - k
+    dtype = np.asarray(params.means).dtype
+
+    def grow(a, fill):
+        a = np.asarray(a)
+        return np.concatenate([a, np.broadcast_to(np.asarray(fill, dtype), (extra,) + a.shape[1:])])
+
+    if params.covariance_type == "tied":
+        cov, pc = np.asarray(params.covariances), np.asarray(params.precisions_cholesky)
+    else:
+        unit = np.eye(d, dtype=dtype) if params.covariance_type == "full" else 1.0
+        cov, pc = grow(params.covariances, unit), grow(params.precisions_cholesky, unit)
+    return GMMParams(grow(params.weights, 0.0), grow(params.means, 0.0), cov, pc,
+                     params.covariance_type)
+
+
 def n_parameters(params: GMMParams):
     """Number of free parameters (for BIC/AIC), as scikit-learn counts them, of the live
     components: an int, or a () int32 array when ``params`` are traced."""
@@ -914,6 +937,7 @@ def _init(key, x, n_components, covariance_type, method, weights, reg_covar, wei
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
     x = x.astype(dtype)
     w = jnp.ones(x.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
+    n_live = None if n_live is None else jnp.asarray(n_live).astype(jnp.int32)
     wr = w[:, None] * _resp_init(key, x, w, n_components, method, n_live)
     # Two passes: centre the moments on the responsibility-weighted means first, so that
     # e.g. a single seed point gives a covariance of exactly reg_covar even in float32.

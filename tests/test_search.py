@@ -75,11 +75,12 @@ def _programs():
 def test_a_search_is_one_program_per_type_and_each_cell_equals_its_own_fit(x64, rng):
     x = make_blobs(rng, n_per=50, k=3, d=2)
     before = _programs()
-    result = jaxem.select(x, range(1, 7), ["full", "diag"], n_init=2, seed=4)
+    result = jaxem.select(x, range(1, 7), ["full", "diag"], n_init=2, seed=4,
+                          init_method="kmeans")
     assert _programs() - before <= 2
     # Another N in the same row bucket, another seed, tol and max_iter: no new program.
     again = jaxem.select(x[:140], range(1, 7), ["full", "diag"], n_init=2, seed=5, tol=1e-4,
-                         max_iter=60)
+                         max_iter=60, init_method="kmeans")
     assert _programs() - before <= 2
     assert again.bic.shape == (6, 2)
     for k in (1, 3, 6):
@@ -148,6 +149,15 @@ def test_refits_on_nearby_sizes_compile_once_and_equal_the_unpadded_fit(x64, rng
             fits[n] = jaxem.GaussianMixture(3, init_params=init_params, n_init=2,
                                             random_state=1, tol=1e-6).fit(x[:n])
     assert em._restarts_jit_quick._cache_size() - programs <= 1
+    # Small fits run K components in 8 slots: K = 1..8 share that program too, and
+    # predict pads the same way.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in (1, 2, 5, 8):
+            other = jaxem.GaussianMixture(k, init_params=init_params, n_init=2,
+                                          random_state=1).fit(x[:120])
+            assert other.means_.shape == (k, 2) and other.predict(x).max() < k
+    assert em._restarts_jit_quick._cache_size() - programs <= 1
     model = gmm.GaussianMixtureModel("full")
     for n, gm in fits.items():
         exact = em.fit_restarts(model, x[:n], jax.random.PRNGKey(1), n_components=3, n_init=2,
@@ -197,3 +207,14 @@ def test_a_batch_keeps_every_fast_path_guard_a_cond(rng, cov_type):
     single = _count_conds(jax.make_jaxpr(program)(xs[:1], keys[:1]).jaxpr)
     batched = _count_conds(jax.make_jaxpr(program)(xs, keys).jaxpr)
     assert single >= 1 and batched == single
+
+
+def test_several_init_methods_run_in_one_search_and_keep_the_best(x64, rng):
+    x = make_blobs(rng, n_per=40, k=4, d=2, sep=3.0)
+    one = {m: jaxem.select(x, [2, 4], ["full"], n_init=2, seed=3, init_method=m)
+           for m in ("kmeans", "random_from_data")}
+    both = jaxem.select(x, [2, 4], ["full"], n_init=2, seed=3,
+                        init_method=("kmeans", "random_from_data"))
+    # The first method's restarts are exactly kmeans's: the mix is never worse than them.
+    assert np.all(both.bic <= one["kmeans"].bic + 1e-9)
+    assert both.n_iter.shape == (2, 1)
