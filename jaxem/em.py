@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -221,21 +222,30 @@ def _over_devices(fn, mesh: Mesh | None):
     return wrapped
 
 
-# Small programs are compiled with LLVM's optimisation off: on the CPU that halves the
-# compile time of a small fit (the best part of its total), at a cost in run time that only
-# shows on large data. "Small": rows × parameter entries × parameter sets at most this (the
-# Old Faithful search, full: 272 × 66 × 96 ≈ 1.7e6; iris, K = 3, full: 150 × 111).
-QUICK_COMPILE_MAX_WORK = 2**22
+# A *small* program: rows × parameter entries × parameter sets at most this (the Old
+# Faithful search, full: 272 × 66 × 96 ≈ 1.7e6; iris, K = 3, full: 256 × 111). Its run time
+# is negligible next to its compile time.
+SMALL_PROGRAM_MAX_WORK = 2**22
+# Opt-in (JAXEM_QUICK_COMPILE=1): small programs compiled with LLVM's optimisation off,
+# which on the 2-core CPU cut a search program's compile from 1.6 to 1.0 s. Off by default:
+# with it on, the test suite twice saw XLA abort while compiling (SIGABRT, intermittent).
+QUICK_COMPILE_ENV = "JAXEM_QUICK_COMPILE"
 QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def quick_compile(n_rows: int, params, batch: int = 1) -> bool:
+def small_program(n_rows: int, params, batch: int = 1) -> bool:
     """Whether a program over ``n_rows`` samples and ``batch`` sets of ``params`` (a pytree
-    or shapes of one set) is compiled with :data:`QUICK_COMPILE_OPTIONS`."""
-    if _validation.under_transformation():
-        return False  # compiler options belong to a top-level jit only
+    or arrays of its shapes) is small (:data:`SMALL_PROGRAM_MAX_WORK`)."""
     entries = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(params))
-    return n_rows * max(entries, 1) * batch <= QUICK_COMPILE_MAX_WORK
+    return n_rows * max(entries, 1) * batch <= SMALL_PROGRAM_MAX_WORK
+
+
+def quick_compile(n_rows: int, params, batch: int = 1) -> bool:
+    """Whether to compile with :data:`QUICK_COMPILE_OPTIONS`: a small program, at top
+    level (compiler options belong to a top-level jit only), with the opt-in set."""
+    if os.environ.get(QUICK_COMPILE_ENV, "").strip() in ("", "0"):
+        return False
+    return not _validation.under_transformation() and small_program(n_rows, params, batch)
 
 
 def jit_pair(fn, static_argnames):

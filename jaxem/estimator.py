@@ -157,13 +157,13 @@ COMPONENT_SLOTS = 8
 
 def _is_small(slots: int, n_rows: int, n_features: int, n_init: int = 1) -> bool:
     shapes = (np.empty((slots, n_features + 1)), np.empty((2 * slots, n_features, n_features)))
-    return em.quick_compile(n_rows, shapes, n_init)
+    return not _validation.under_transformation() and em.small_program(n_rows, shapes, n_init)
 
 
 def _slots(n_components: int, n_rows: int, n_features: int, n_init: int = 1) -> int:
     """Slots for K components: a multiple of :data:`COMPONENT_SLOTS` where the program is
-    small enough to compile quickly anyway (:func:`jaxem.em.quick_compile`, where the dead
-    slots' work is negligible), else K itself."""
+    small (:func:`jaxem.em.small_program`: the dead slots' work is negligible next to the
+    compile time they save), else K itself."""
     slots = -(-n_components // COMPONENT_SLOTS) * COMPONENT_SLOTS
     return slots if _is_small(slots, n_rows, n_features, n_init) else n_components
 

@@ -68,6 +68,10 @@ def test_init_of_n_live_slots_equals_the_n_live_component_init(x64, rng, method)
         assert np.all(np.asarray(big.weights)[k:] == 0)
 
 
+def _restarts_programs():
+    return sum(f._cache_size() for f in (em._restarts_jit, em._restarts_jit_quick))
+
+
 def _programs():
     return sum(f._cache_size() for f in (search._search_jit, search._search_jit_quick))
 
@@ -141,14 +145,14 @@ def test_refits_on_nearby_sizes_compile_once_and_equal_the_unpadded_fit(x64, rng
                                                                         init_params):
     x = make_blobs(rng, n_per=60, k=3, d=2)
     assert padded_size(100) == padded_size(150) == MIN_ROWS
-    programs = em._restarts_jit_quick._cache_size()
+    programs = _restarts_programs()
     fits = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for n in (100, 120, 150):
             fits[n] = jaxem.GaussianMixture(3, init_params=init_params, n_init=2,
                                             random_state=1, tol=1e-6).fit(x[:n])
-    assert em._restarts_jit_quick._cache_size() - programs <= 1
+    assert _restarts_programs() - programs <= 1
     # Small fits run K components in 8 slots: K = 1..8 share that program too, and
     # predict pads the same way.
     with warnings.catch_warnings():
@@ -157,7 +161,7 @@ def test_refits_on_nearby_sizes_compile_once_and_equal_the_unpadded_fit(x64, rng
             other = jaxem.GaussianMixture(k, init_params=init_params, n_init=2,
                                           random_state=1).fit(x[:120])
             assert other.means_.shape == (k, 2) and other.predict(x).max() < k
-    assert em._restarts_jit_quick._cache_size() - programs <= 1
+    assert _restarts_programs() - programs <= 1
     model = gmm.GaussianMixtureModel("full")
     for n, gm in fits.items():
         exact = em.fit_restarts(model, x[:n], jax.random.PRNGKey(1), n_components=3, n_init=2,
@@ -218,3 +222,12 @@ def test_several_init_methods_run_in_one_search_and_keep_the_best(x64, rng):
     # The first method's restarts are exactly kmeans's: the mix is never worse than them.
     assert np.all(both.bic <= one["kmeans"].bic + 1e-9)
     assert both.n_iter.shape == (2, 1)
+
+
+def test_quick_compile_is_opt_in_and_only_for_small_top_level_programs(monkeypatch):
+    small, big = (np.empty((3, 5)),), (np.empty((64, 64, 64)),)
+    monkeypatch.delenv(em.QUICK_COMPILE_ENV, raising=False)
+    assert em.small_program(256, small) and not em.quick_compile(256, small)
+    monkeypatch.setenv(em.QUICK_COMPILE_ENV, "1")
+    assert em.quick_compile(256, small) and not em.quick_compile(10**5, big)
+    assert not jax.jit(lambda v: v + em.quick_compile(256, small))(0)  # inside a trace
