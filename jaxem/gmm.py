@@ -858,19 +858,20 @@ def _row_uniforms(key, n: int, k: int, dtype) -> jax.Array:
     return jax.vmap(row)(jnp.arange(n))
 
 
-def _resp_init(key, x, w, n_components: int, method: str, n_live=None):
-    """(N, K) initial responsibilities; columns ``≥ n_live`` (dead slots) are zero."""
+HARD_INIT_METHODS = ("kmeans", "k-means++", "random_from_data")
+
+
+def initial_labels(key, x, w, n_components: int, method: str, n_live=None) -> jax.Array:
+    """(N,) int32 initial assignments of a hard method (``kmeans``, ``k-means++``,
+    ``random_from_data``); −1 marks a row assigned to no component (random_from_data seeds
+    only K rows). Independent of the covariance type, so a model search seeds once for all
+    its types. ``n_live``: only the first ``n_live`` slots get rows."""
     n = x.shape[0]
-    live = jnp.arange(n_components) < (n_components if n_live is None else n_live)
     if method == "kmeans":
-        labels = kmeans(key, x, n_components, w, n_live=n_live).labels
-        return jax.nn.one_hot(labels, n_components, dtype=x.dtype)
+        return kmeans(key, x, n_components, w, n_live=n_live).labels
     if method == "k-means++":
         centers = kmeans_plusplus(key, x, n_components, w, n_live=n_live)
-        return jax.nn.one_hot(nearest_center(x, centers, n_live), n_components, dtype=x.dtype)
-    if method == "random":
-        resp = jnp.where(live[None], _row_uniforms(key, n, n_components, x.dtype), 0.0)
-        return resp / jnp.sum(resp, axis=1, keepdims=True)
+        return nearest_center(x, centers, n_live).astype(jnp.int32)
     # random_from_data: K distinct samples, drawn by weight without replacement (Gumbel
     # top-K, one variate per row), one per live component.
     u = _row_uniforms(key, n, 1, x.dtype)[:, 0]
@@ -878,8 +879,19 @@ def _resp_init(key, x, w, n_components: int, method: str, n_live=None):
     score = jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)) - jnp.log(-jnp.log(
         jnp.maximum(u, tiny))), -jnp.inf)
     _, idx = jax.lax.top_k(score, n_components)
-    resp = jnp.zeros((n, n_components), x.dtype).at[idx, jnp.arange(n_components)].set(1.0)
-    return jnp.where(live[None], resp, 0.0)
+    slot = jnp.arange(n_components)
+    slot = jnp.where(slot < (n_components if n_live is None else n_live), slot, -1)
+    return jnp.full((n,), -1, jnp.int32).at[idx].set(slot)
+
+
+def _resp_init(key, x, w, n_components: int, method: str, n_live=None):
+    """(N, K) initial responsibilities; columns ``≥ n_live`` (dead slots) are zero."""
+    if method in HARD_INIT_METHODS:
+        labels = initial_labels(key, x, w, n_components, method, n_live)
+        return jax.nn.one_hot(labels, n_components, dtype=x.dtype)  # −1: a zero row
+    live = jnp.arange(n_components) < (n_components if n_live is None else n_live)
+    resp = jnp.where(live[None], _row_uniforms(key, x.shape[0], n_components, x.dtype), 0.0)
+    return resp / jnp.sum(resp, axis=1, keepdims=True)
 
 
 def init(
@@ -895,6 +907,7 @@ def init(
     means_init: jax.Array | None = None,
     precisions_init: jax.Array | None = None,
     n_live: jax.typing.ArrayLike | None = None,
+    labels: jax.Array | None = None,
 ) -> GMMParams:
     """Initial parameters, as scikit-learn's ``init_params``.
 
@@ -920,6 +933,8 @@ def init(
         slots are initialised as an ``n_live``-component mixture (for ``kmeans`` and
         ``k-means++``, exactly as with ``n_components=n_live`` and the same key), the rest
         are dead (weight 0; see :class:`GMMParams`).
+      labels: optional (N,) int initial assignments (−1: none), e.g. from
+        :func:`initial_labels`, used instead of running ``method`` again.
 
     Returns:
       :class:`GMMParams`.
@@ -927,18 +942,20 @@ def init(
     _validation.check_covariance_type(covariance_type)
     _validation.check_init_method(method)
     return _init(key, x, n_components, covariance_type, method, weights, reg_covar,
-                 weights_init, means_init, precisions_init, n_live)
+                 weights_init, means_init, precisions_init, n_live, labels)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _init(key, x, n_components, covariance_type, method, weights, reg_covar, weights_init,
-          means_init, precisions_init, n_live=None):
+          means_init, precisions_init, n_live=None, labels=None):
     x = jnp.asarray(x)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
     x = x.astype(dtype)
     w = jnp.ones(x.shape[0], dtype) if weights is None else jnp.asarray(weights, dtype)
     n_live = None if n_live is None else jnp.asarray(n_live).astype(jnp.int32)
-    wr = w[:, None] * _resp_init(key, x, w, n_components, method, n_live)
+    resp = (_resp_init(key, x, w, n_components, method, n_live) if labels is None
+            else jax.nn.one_hot(labels, n_components, dtype=dtype))
+    wr = w[:, None] * resp
     # Two passes: centre the moments on the responsibility-weighted means first, so that
     # e.g. a single seed point gives a covariance of exactly reg_covar even in float32.
     # The reference point is a sample of positive weight, not a weighted mean: it carries

@@ -17,10 +17,8 @@ model whose ``init`` takes ``n_live`` and whose ``n_parameters`` counts live com
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +27,7 @@ import numpy as np
 from jaxem import _validation, em
 from jaxem._linalg import COVARIANCE_TYPES, covariance_shape
 from jaxem._padding import pad_rows
-from jaxem.gmm import GaussianMixtureModel
+from jaxem.gmm import HARD_INIT_METHODS, GaussianMixtureModel, initial_labels
 
 CRITERIA = ("bic", "aic", "icl")
 
@@ -92,18 +90,40 @@ def check_covariance_types(types) -> tuple:
     return tuple(dict.fromkeys(types))
 
 
+def _method_keys(key, m: int, n_init: int):
+    """The restart keys of the m-th init method (the first: GaussianMixture's)."""
+    return jax.random.split(key if m == 0 else jax.random.fold_in(key, m), n_init)
+
+
+def _seeding_program(x, weights, key, n_live, k_max, n_init, methods):
+    """Initial assignments of every (K, restart) for each hard method: (n_ks·n_init, N)
+    int32 each. They do not depend on the covariance type, so the types' programs take them
+    as data and none of them compiles the seeding."""
+    n_ks = n_live.shape[0]
+    out = []
+    for m, method in enumerate(methods):
+        keys = jnp.tile(_method_keys(key, m, n_init), (n_ks, 1))
+        out.append(jax.vmap(lambda k, live, method=method: initial_labels(
+            k, x, weights, k_max, method, live))(keys, jnp.repeat(n_live, n_init)))
+    return tuple(out)
+
+
+_seeding_jit = jax.jit(_seeding_program, static_argnames=("k_max", "n_init", "methods"))
+
+
 def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max, n_init,
-                init_method, n_history):
+                    init_method, n_history, labels=None):
     """Every (K, method, restart) of ``n_live`` (n_ks,) × ``init_method`` (a tuple) ×
     ``n_init`` in one vmap of the EM loop; per K the best restart, its final
     log-likelihood, ICL term and parameter count."""
     n_ks = n_live.shape[0]
     starts = []
     for m, method in enumerate(init_method):  # each method's inits vmapped on their own
-        keys = jax.random.split(key if m == 0 else jax.random.fold_in(key, m), n_init)
-        starts.append(jax.vmap(lambda k, live, method=method: model.init(
-            k, x, k_max, weights=weights, method=method, n_live=live, **hyper))(
-                jnp.tile(keys, (n_ks, 1)), jnp.repeat(n_live, n_init)))
+        keys = jnp.tile(_method_keys(key, m, n_init), (n_ks, 1))
+        lab = None if labels is None else labels[m]
+        starts.append(jax.vmap(lambda k, live, lab, method=method: model.init(
+            k, x, k_max, weights=weights, method=method, n_live=live, labels=lab, **hyper))(
+                keys, jnp.repeat(n_live, n_init), lab))
     # Member order (K, method, restart): the inits of K lie together.
     n_runs = len(init_method) * n_init
     params0 = jax.tree_util.tree_map(
@@ -131,24 +151,6 @@ def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max,
 
 _search_jit, _search_jit_quick = em.jit_pair(
     _search_program, ("model", "k_max", "n_init", "init_method", "n_history"))
-
-
-def _run_concurrently(calls: list) -> list:
-    """``[call() for call in calls]``, several at a time: XLA compiles one program on one
-    thread and releases the GIL, so the covariance types' programs compile side by side
-    (4 programs on 2 cores: about half the wall time). The caller's float64 mode, which
-    JAX keeps per thread, goes with each call."""
-    workers = min(len(calls), os.cpu_count() or 1)
-    if workers < 2:
-        return [call() for call in calls]
-    x64 = bool(jax.config.jax_enable_x64)
-
-    def run(call):
-        with jax.enable_x64(x64):
-            return jax.block_until_ready(call())
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(run, calls))
 
 
 def select(
@@ -228,6 +230,12 @@ def select(
               ("bic", "aic", "icl", "log_likelihood", "n_parameters", "n_iter")}
     converged, failed = np.zeros(shape, bool), np.zeros(shape, bool)
     lower_bounds, params = {}, {}
+    # Hard seedings (k-means, k-means++, random_from_data) once for every type.
+    if all(m in HARD_INIT_METHODS for m in methods):
+        labels = _seeding_jit(jnp.asarray(xp), jnp.asarray(wp), key, n_live, k_max, n_init,
+                              methods)
+    else:
+        labels = None
     calls = []
     for cov_type in types:
         model = GaussianMixtureModel(cov_type, chunk_size).with_batch(
@@ -241,8 +249,11 @@ def select(
                    else _search_jit)
         calls.append(functools.partial(
             program, model, inp.x, inp.weights, key, n_live, inp.tol, jnp.int32(max_iter),
-            inp.hyper, k_max, n_init, methods, em.history_size(max_iter)))
-    for j, (cov_type, out) in enumerate(zip(types, _run_concurrently(calls), strict=True)):
+            inp.hyper, k_max, n_init, methods, em.history_size(max_iter), labels))
+    # (Measured: running the types' programs from a thread pool saves nothing on the CPU,
+    # where XLA already compiles each with several threads.)
+    for j, (cov_type, call) in enumerate(zip(types, calls, strict=True)):
+        out = call()
         model = GaussianMixtureModel(cov_type)
         best, _, log_lik, log_r_hard, n_params = out
         log_lik, log_r_hard = np.asarray(log_lik, float), np.asarray(log_r_hard, float)
