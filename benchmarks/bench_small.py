@@ -172,15 +172,44 @@ def bench_batch(n_datasets: int, n_sklearn: int):
     row(f"{n_datasets} datasets x 200 pts, K=3 full, again", again, sk, "(compiled)")
 
 
+def bench_search(n: int, d: int, k_max: int, n_init: int):
+    """A search over K = 1..k_max, full, on N × D synthetic data: jaxem.select (one
+    program) against scikit-learn's loop over K, end to end."""
+    import warnings
+
+    import numpy as np
+    from sklearn.mixture import GaussianMixture
+
+    import jaxem
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, d)) * 3
+    x = (centres[rng.integers(0, 8, n)] + rng.normal(size=(n, d))).astype(np.float32)
+    t = time.perf_counter()
+    result = jaxem.select(x, range(1, k_max + 1), "full", n_init=n_init)
+    ours = time.perf_counter() - t
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bic = [GaussianMixture(k, n_init=n_init, random_state=0).fit(x).bic(x)
+               for k in range(1, k_max + 1)]
+    sk = time.perf_counter() - t
+    row(f"search N={n}, D={d}, K=1..{k_max}, full, n_init={n_init}", ours, sk,
+        f"(best K: jaxem {result.best[0]}, scikit-learn {int(np.argmin(bic)) + 1}; "
+        f"max iterations {int(result.n_iter.max())})")
+
+
 ROWS = {"demo": None, "select": bench_select, "iris": bench_iris,
-        "gridsearch": bench_grid_search, "batch": None}
+        "gridsearch": bench_grid_search, "batch": None, "search": None}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma list of " + ", ".join(
-        ROWS))
+    parser.add_argument("--rows", default="demo,select,iris,gridsearch,batch",
+                        help="comma list of " + ", ".join(ROWS) + " (default: all but search)")
     parser.add_argument("--n-datasets", type=int, default=1000)
+    parser.add_argument("--search", default="100000,16,16,4",
+                        help="N,D,K_max,n_init of the 'search' row (default 100000,16,16,4)")
     parser.add_argument("--n-sklearn", type=int, default=200,
                         help="datasets scikit-learn fits (its time is scaled to all)")
     args = parser.parse_args()
@@ -193,6 +222,8 @@ def main():
         if r == "demo":
             bench_demo(4)
             bench_demo(16)
+        elif r == "search":
+            bench_search(*(int(float(v)) for v in args.search.split(",")))
         elif r == "batch":
             bench_batch(args.n_datasets, min(args.n_sklearn, args.n_datasets))
         else:

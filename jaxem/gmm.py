@@ -881,7 +881,7 @@ def initial_labels(key, x, w, n_components: int, method: str, n_live=None) -> ja
     _, idx = jax.lax.top_k(score, n_components)
     slot = jnp.arange(n_components)
     slot = jnp.where(slot < (n_components if n_live is None else n_live), slot, -1)
-    return jnp.full((n,), -1, jnp.int32).at[idx].set(slot)
+    return jnp.full((n,), -1, jnp.int32).at[idx].set(slot.astype(jnp.int32))
 
 
 def _resp_init(key, x, w, n_components: int, method: str, n_live=None):

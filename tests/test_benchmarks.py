@@ -72,3 +72,13 @@ def test_bench_small_smoke():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("ratio") == 2 and "4 datasets x 200 pts" in out.stdout
+
+
+def test_bench_compile_smoke():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_compile.py"), "--ns", "300",
+         "--d", "2", "--k", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "N=      300: XLA compile" in out.stdout
