@@ -18,7 +18,6 @@ model whose ``init`` takes ``n_live`` and whose ``n_parameters`` counts live com
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -173,9 +172,9 @@ def select(
 
     One compiled program per covariance type runs all K and restarts at once (a ``vmap`` of
     the EM loop over (K, restart) pairs in a ``max(ks)``-slot mixture); the rows are padded
-    to a few sizes (:mod:`jaxem._padding`), so neither N nor the ks nor ``max_iter`` nor
-    ``tol`` are compile keys beyond ``max(ks)`` (the slots), ``n_init``, the data's width
-    and the covariance type. With one ``init_method``, each cell equals
+    to a few sizes (:mod:`jaxem._padding`), so N, ``max_iter``, ``tol`` and the seed are not
+    compile keys; the ks are only through their count and ``max(ks)`` (the slots), besides
+    ``n_init``, the data's width and the covariance type. With one ``init_method``, each cell equals
     ``GaussianMixture(K, n_init=n_init, random_state=seed)`` fitted on its own (same keys,
     same initialisation).
 
@@ -236,26 +235,21 @@ def select(
                               methods)
     else:
         labels = None
-    calls = []
-    for cov_type in types:
-        model = GaussianMixtureModel(cov_type, chunk_size).with_batch(
-            len(ks) * n_init * len(methods), em.RESTARTS_AXIS)
+    members = len(ks) * n_init * len(methods)
+    # One type after the other (measured: running the types' programs from a thread pool
+    # saves nothing on the CPU, where XLA already compiles each with several threads).
+    for j, cov_type in enumerate(types):
+        model = GaussianMixtureModel(cov_type, chunk_size).with_batch(members,
+                                                                      em.RESTARTS_AXIS)
         inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter,
                          hyper={"reg_covar": reg_covar})
         cov = covariance_shape(cov_type, k_max, x.shape[1])
         shapes = (np.empty((k_max, x.shape[1] + 1)), np.empty(cov), np.empty(cov))
-        members = len(ks) * n_init * len(methods)
         program = (_search_jit_quick if em.quick_compile(xp.shape[0], shapes, members)
                    else _search_jit)
-        calls.append(functools.partial(
-            program, model, inp.x, inp.weights, key, n_live, inp.tol, jnp.int32(max_iter),
-            inp.hyper, k_max, n_init, methods, em.history_size(max_iter), labels))
-    # (Measured: running the types' programs from a thread pool saves nothing on the CPU,
-    # where XLA already compiles each with several threads.)
-    for j, (cov_type, call) in enumerate(zip(types, calls, strict=True)):
-        out = call()
-        model = GaussianMixtureModel(cov_type)
-        best, _, log_lik, log_r_hard, n_params = out
+        best, _, log_lik, log_r_hard, n_params = program(
+            model, inp.x, inp.weights, key, n_live, inp.tol, jnp.int32(max_iter), inp.hyper,
+            k_max, n_init, methods, em.history_size(max_iter), labels)
         log_lik, log_r_hard = np.asarray(log_lik, float), np.asarray(log_r_hard, float)
         n_params = np.asarray(n_params, float)
         tables["log_likelihood"][:, j] = log_lik / w_sum
