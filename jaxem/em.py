@@ -233,19 +233,24 @@ QUICK_COMPILE_ENV = "JAXEM_QUICK_COMPILE"
 QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def small_program(n_rows: int, params, batch: int = 1) -> bool:
-    """Whether a program over ``n_rows`` samples and ``batch`` sets of ``params`` (a pytree
-    or arrays of its shapes) is small (:data:`SMALL_PROGRAM_MAX_WORK`)."""
-    entries = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(params))
-    return n_rows * max(entries, 1) * batch <= SMALL_PROGRAM_MAX_WORK
+def mixture_entries(n_components: int, n_features: int) -> int:
+    """Parameter entries of a K-component mixture over D features, counted as weights,
+    means and two (K, D, D) matrices: the largest covariance layout, so a bound for all."""
+    return n_components * (n_features + 1) + 2 * n_components * n_features**2
 
 
-def quick_compile(n_rows: int, params, batch: int = 1) -> bool:
+def small_program(n_rows: int, n_entries: int, batch: int = 1) -> bool:
+    """Whether a program over ``n_rows`` samples and ``batch`` parameter sets of
+    ``n_entries`` entries each is small (:data:`SMALL_PROGRAM_MAX_WORK`)."""
+    return n_rows * max(n_entries, 1) * batch <= SMALL_PROGRAM_MAX_WORK
+
+
+def quick_compile(n_rows: int, n_entries: int, batch: int = 1) -> bool:
     """Whether to compile with :data:`QUICK_COMPILE_OPTIONS`: a small program, at top
     level (compiler options belong to a top-level jit only), with the opt-in set."""
     if os.environ.get(QUICK_COMPILE_ENV, "").strip() in ("", "0"):
         return False
-    return not _validation.under_transformation() and small_program(n_rows, params, batch)
+    return not _validation.under_transformation() and small_program(n_rows, n_entries, batch)
 
 
 def jit_pair(fn, static_argnames):
@@ -256,7 +261,7 @@ def jit_pair(fn, static_argnames):
 
 
 def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, progress=None,
-             lower_bound=-jnp.inf, n_history=128):
+                 lower_bound=-jnp.inf, n_history=128):
     axis = None if mesh is None else _DATA
     def loop(x, weights, params, tol, max_iter, hyper, lower_bound):
         return run(model, x, weights, params, tol, max_iter, hyper, axis, progress,
@@ -268,8 +273,9 @@ def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, pro
 _fit_jit = jax.jit(_fit_program, static_argnames=("model", "n_history", "mesh", "progress"))
 
 
-def _restarts_program(model, x, weights, key, tol, max_iter, n_init, n_components, init_method,
-                  init_kwargs, hyper, mesh=None, progress=None, n_history=128):
+def _restarts_program(model, x, weights, key, tol, max_iter, n_init, n_components,
+                      init_method, init_kwargs, hyper, mesh=None, progress=None,
+                      n_history=128):
     keys = jax.random.split(key, n_init)
     # Initialisation sees the whole (possibly sharded) data; XLA partitions it.
     params0 = jax.vmap(
@@ -529,8 +535,8 @@ def fit_restarts(
     dtype = inp.x.dtype
     init_kwargs = {k: jnp.asarray(v, dtype) for k, v in (init_kwargs or {}).items()}
     n, d = np.shape(inp.x)
-    shapes = (np.empty((n_components, d + 1)), np.empty((2 * n_components, d, d)))  # ~GMM
-    program = _restarts_jit_quick if quick_compile(n, shapes, n_init) else _restarts_jit
+    quick = quick_compile(n, mixture_entries(n_components, d), n_init)
+    program = _restarts_jit_quick if quick else _restarts_jit
     result = program(
         model, inp.x, inp.weights, key, inp.tol, jnp.int32(max_iter), n_init, n_components,
         init_method, init_kwargs, inp.hyper, mesh=inp.mesh,
@@ -624,8 +630,8 @@ def fit_batch(
     _validation.check_real(tol, "tol", allow_negative_infinity=True)
     if hasattr(model, "with_batch"):
         model = model.with_batch(n_init, RESTARTS_AXIS)
-    shapes = (np.empty((n_components, d + 1)), np.empty((2 * n_components, d, d)))
-    program = _batch_jit_quick if quick_compile(n, shapes, n_init * b) else _batch_jit
+    quick = quick_compile(n, mixture_entries(n_components, d), n_init * b)
+    program = _batch_jit_quick if quick else _batch_jit
     result = program(model, jnp.asarray(xs), jnp.asarray(w), jax.random.split(key, b),
                      jnp.asarray(tol, dtype), jnp.int32(max_iter), n_init, n_components,
                      init_method, {k: jnp.asarray(v, dtype) for k, v in hyper.items()},

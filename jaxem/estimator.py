@@ -156,8 +156,8 @@ COMPONENT_SLOTS = 8
 
 
 def _is_small(slots: int, n_rows: int, n_features: int, n_init: int = 1) -> bool:
-    shapes = (np.empty((slots, n_features + 1)), np.empty((2 * slots, n_features, n_features)))
-    return not _validation.under_transformation() and em.small_program(n_rows, shapes, n_init)
+    entries = em.mixture_entries(slots, n_features)
+    return not _validation.under_transformation() and em.small_program(n_rows, entries, n_init)
 
 
 def _slots(n_components: int, n_rows: int, n_features: int, n_init: int = 1) -> int:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxem import _validation, em
-from jaxem._linalg import COVARIANCE_TYPES, covariance_shape
+from jaxem._linalg import COVARIANCE_TYPES
 from jaxem._padding import pad_rows
 from jaxem.gmm import HARD_INIT_METHODS, GaussianMixtureModel, initial_labels
 
@@ -243,10 +243,8 @@ def select(
                                                                       em.RESTARTS_AXIS)
         inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter,
                          hyper={"reg_covar": reg_covar})
-        cov = covariance_shape(cov_type, k_max, x.shape[1])
-        shapes = (np.empty((k_max, x.shape[1] + 1)), np.empty(cov), np.empty(cov))
-        program = (_search_jit_quick if em.quick_compile(xp.shape[0], shapes, members)
-                   else _search_jit)
+        quick = em.quick_compile(xp.shape[0], em.mixture_entries(k_max, x.shape[1]), members)
+        program = _search_jit_quick if quick else _search_jit
         best, _, log_lik, log_r_hard, n_params = program(
             model, inp.x, inp.weights, key, n_live, inp.tol, jnp.int32(max_iter), inp.hyper,
             k_max, n_init, methods, em.history_size(max_iter), labels)

@@ -225,7 +225,7 @@ def test_several_init_methods_run_in_one_search_and_keep_the_best(x64, rng):
 
 
 def test_quick_compile_is_opt_in_and_only_for_small_top_level_programs(monkeypatch):
-    small, big = (np.empty((3, 5)),), (np.empty((64, 64, 64)),)
+    small, big = em.mixture_entries(3, 2), em.mixture_entries(64, 64)
     monkeypatch.delenv(em.QUICK_COMPILE_ENV, raising=False)
     assert em.small_program(256, small) and not em.quick_compile(256, small)
     monkeypatch.setenv(em.QUICK_COMPILE_ENV, "1")
