@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -248,3 +249,40 @@ def check_spd(matrices, covariance_type: str, n_components: int, n_features: int
                 f"({where} is not)"
             )
     return matrices
+
+
+class PrecisionWarning(UserWarning):
+    """float64 data fitted in float32 lose digits that matter (an offset that dwarfs the
+    spread): enable JAX's x64 mode to fit in float64."""
+
+
+FLOAT32_SQRT_MAX = float(np.sqrt(np.float64(np.finfo(np.float32).max)))  # ~1.8e19
+X64_HINT = ("fit in float64: jax.config.update('jax_enable_x64', True) with float64 X "
+            "(the command: --float64)")
+
+
+def check_float32_fits(X, name: str = "X") -> None:
+    """Before casting data to float32: refuse values beyond its range, and warn when the
+    data sit so far from the origin, relative to their spread, that float32 keeps too few
+    of the digits that separate the samples."""
+    x = np.asarray(X)
+    if x.dtype.itemsize <= 4 and x.dtype.kind == "f":
+        return
+    biggest = float(np.max(np.abs(x)))
+    if biggest > float(np.finfo(np.float32).max):
+        raise ValueError(f"{name} has values up to {biggest:.3g}, beyond the float32 range "
+                         f"(±{np.finfo(np.float32).max:.3g}): rescale the data, or {X64_HINT}")
+    spread = np.std(x, axis=0)
+    offset = np.abs(np.mean(x, axis=0))
+    reach = float(np.max(np.abs(x - np.mean(x, axis=0))))
+    if reach > FLOAT32_SQRT_MAX / 1e3:
+        raise ValueError(f"{name} spreads {reach:.3g} from its mean: squared distances "
+                         f"overflow float32 (3.4e38). Rescale the data, or {X64_HINT}")
+    lost = np.finfo(np.float32).eps * offset / np.where(spread > 0, spread, np.inf)
+    if np.max(lost) > 1e-4:
+        j = int(np.argmax(lost))
+        warnings.warn(
+            f"{name} is float64 but is fitted in float32, and feature {j} sits at "
+            f"{offset[j]:.3g} with a spread of {spread[j]:.3g}: float32 resolves it only to "
+            f"{np.max(lost):.1e} of its spread. To keep the digits, {X64_HINT}",
+            PrecisionWarning, stacklevel=4)

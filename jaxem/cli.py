@@ -247,18 +247,44 @@ def _parse_cov_types(spec: str) -> list[str]:
 
 
 def _search(x, ks, cov_types, n_init, seed, max_iter=100, tol=1e-3, reg_covar=1e-6,
-            criterion="bic"):
-    """Every (K, type) by :class:`jaxem.GaussianMixtureIC` (one program per type); the
-    fitted estimator, which is the chosen model."""
-    from jaxem.gaussian_mixture_ic import GaussianMixtureIC
+            criterion="bic", progress=None):
+    """Every (K, type) by :func:`jaxem.select` (one program per type): the
+    :class:`jaxem.search.SearchResult`. The functional search, not the estimator: the
+    command then never imports scikit-learn (0.7 s of a short run)."""
+    from jaxem.search import select
 
     if max(ks) > x.shape[0]:
         raise ValueError(f"K={max(ks)} is larger than the number of samples ({x.shape[0]})")
-    gm = GaussianMixtureIC(ks, covariance_type=cov_types, criterion=criterion, n_init=n_init,
-                           random_state=seed, max_iter=max_iter, tol=tol, reg_covar=reg_covar)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported per cell by the caller, not as a stack
-        return gm.fit(x)
+        return select(x, ks, cov_types, criterion=criterion, n_init=n_init, seed=seed,
+                      max_iter=max_iter, tol=tol, reg_covar=reg_covar, progress=progress)
+
+
+def _print_models(done) -> None:
+    """A line per model of a covariance type whose program has run (``select``'s hook)."""
+    lines = [f"  [{done.index + 1}/{done.n_types}] {done.covariance_type}: {len(done.ks)} "
+             f"model(s) in {done.seconds:.1f} s"]
+    for i, k in enumerate(done.ks):
+        state = ("failed (non-finite value)" if done.failed[i] else
+                 f"converged in {done.n_iter[i]} iterations" if done.converged[i] else
+                 f"not converged after {done.n_iter[i]} iterations")
+        lines.append(f"      K={k:<3} {done.covariance_type:<9} BIC {done.bic[i]:12.1f}  "
+                     f"AIC {done.aic[i]:12.1f}  ICL {done.icl[i]:12.1f}  {state}")
+    print("\n".join(lines), flush=True)
+
+
+def _chosen(result):
+    """(K, type, row, column, params) of the search's chosen model."""
+    k, cov_type = result.best
+    return (k, cov_type, result.ks.index(k), result.covariance_types.index(cov_type),
+            result.params[k, cov_type])
+
+
+def _labels(params, x) -> np.ndarray:
+    from jaxem import gmm
+
+    return np.asarray(np.argmax(gmm.log_joint(params, np.asarray(x, params.means.dtype)), 1))
 
 
 def _compile_totals() -> dict:
@@ -306,38 +332,38 @@ def _demo(args) -> int:
           f"{args.n_init} vmapped restarts each ...")
     t0 = time.perf_counter()
     compiled = _compile_totals()
-    gm = _search(x, ks, COVARIANCE_TYPES, args.n_init, args.seed, max_iter=500)
-    bic = gm.criteria_["bic"]
-    best = (gm.n_components_, gm.covariance_type_)
-    i, j = ks.index(best[0]), COVARIANCE_TYPES.index(best[1])
+    result = _search(x, ks, COVARIANCE_TYPES, args.n_init, args.seed, max_iter=500)
+    bic = result.bic
+    k, cov_type, i, j, params = _chosen(result)
     print(f"done in {time.perf_counter() - t0:.1f} s (one compiled program per covariance "
           "type)")
     if args.verbose:
         print(_compile_line(compiled))
     print()
     print("BIC (lower is better; * = chosen)")
-    print(_format_table(ks, COVARIANCE_TYPES, bic, best))
-    print(f"\nChosen model: K={best[0]}, covariance_type={best[1]!r}, BIC={bic[i, j]:.1f}")
-    print(f"converged={gm.converged_} after {gm.n_iter_} iterations, "
-          f"mean log-likelihood {gm.lower_bound_:.5f}")
-    for k in range(best[0]):
-        m = ", ".join(f"{v:.3f}" for v in gm.means_[k])
-        print(f"  component {k}: weight {gm.weights_[k]:.3f}, mean ({m})")
+    print(_format_table(ks, COVARIANCE_TYPES, bic, (k, cov_type)))
+    history = result.lower_bounds[k, cov_type]
+    print(f"\nChosen model: K={k}, covariance_type={cov_type!r}, BIC={bic[i, j]:.1f}")
+    print(f"converged={bool(result.converged[i, j])} after {result.n_iter[i, j]} iterations, "
+          f"mean log-likelihood {result.log_likelihood[i, j]:.5f}")
+    for c in range(k):
+        m = ", ".join(f"{v:.3f}" for v in np.asarray(params.means)[c])
+        print(f"  component {c}: weight {float(params.weights[c]):.3f}, mean ({m})")
     print("\nPer-iteration mean log-likelihood of the chosen fit:")
     prev = None
-    for it, ll in enumerate(gm.lower_bounds_, 1):
+    for it, ll in enumerate(history, 1):
         change = "" if prev is None else f"  (change {ll - prev:+.2e})"
         print(f"  iter {it:>3}: {ll:.6f}{change}")
         prev = ll
     if args.plot:
-        from jaxem.plot import _pyplot, plot_mixture, save_figure
+        from jaxem.plot import _pyplot, plot_criteria, plot_mixture, save_figure
 
         plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(6, 5))
-        plot_mixture(x, gm.params_, ax=ax, labels=gm.predict(x))
-        ax.set_xlabel(f"{names[0]} (min)")
-        ax.set_ylabel(f"{names[1]} (min)")
-        ax.set_title(f"Old Faithful: K={best[0]}, {best[1]} covariance (BIC {bic[i, j]:.1f})")
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+        plot_mixture(x, params, ax=axes[0], labels=_labels(params, x),
+                     feature_names=[f"{n} (min)" for n in names],
+                     title=f"Old Faithful: K={k}, {cov_type} covariance, N={x.shape[0]}")
+        plot_criteria(result, criteria=("bic",), axes=[axes[1]])
         save_figure(fig, args.plot)
         print(f"\nPlot written to {args.plot}")
     return 0
@@ -370,15 +396,20 @@ def _enable_float64(args):
         jax.config.update("jax_enable_x64", True)
 
 
-def _summary(gm, x) -> str:
-    lines = [f"converged={gm.converged_} after {gm.n_iter_} iterations; mean log-likelihood "
-             f"{gm.lower_bound_:.6f}; BIC {gm.bic(x):.2f}; AIC {gm.aic(x):.2f}",
-             "  comp  weight  mean"]
-    for k in range(gm.means_.shape[0]):
-        mean = ", ".join(f"{v:.4g}" for v in gm.means_[k][:8])
-        more = ", ..." if gm.means_.shape[1] > 8 else ""
-        lines.append(f"  {k:>4}  {gm.weights_[k]:.4f}  ({mean}{more})")
+def _summary_lines(converged, n_iter, mean_ll, bic, aic, params) -> str:
+    lines = [f"converged={converged} after {n_iter} iterations; mean log-likelihood "
+             f"{mean_ll:.6f}; BIC {bic:.2f}; AIC {aic:.2f}", "  comp  weight  mean"]
+    means, weights = np.asarray(params.means), np.asarray(params.weights)
+    for c in range(means.shape[0]):
+        mean = ", ".join(f"{v:.4g}" for v in means[c][:8])
+        more = ", ..." if means.shape[1] > 8 else ""
+        lines.append(f"  {c:>4}  {weights[c]:.4f}  ({mean}{more})")
     return "\n".join(lines)
+
+
+def _summary(gm, x) -> str:
+    return _summary_lines(gm.converged_, gm.n_iter_, gm.lower_bound_, gm.bic(x), gm.aic(x),
+                          gm.params_)
 
 
 def _check_output(path, flag: str, suffixes: tuple[str, ...] | None = None) -> None:
@@ -458,17 +489,21 @@ def _fit(args) -> int:
     if args.out:
         print(f"model written to {gm.save(args.out)}")
     if args.plot:
-        _plot_fit(gm, x, args.plot)
+        _plot_fit(gm, x, args.plot, args.data)
         print(f"plot written to {args.plot}")
     return 0
 
 
-def _plot_fit(gm, x, path):
+def _plot_fit(gm, x, path, source=None):
     from jaxem.plot import _pyplot, plot_log_likelihood, plot_mixture, save_figure
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    plot_mixture(x, gm.params_, ax=axes[0], labels=gm.predict(x))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained",
+                             width_ratios=[1.25, 1.0])
+    k, cov_type, n = gm.n_components, gm.covariance_type, np.shape(x)[0]
+    where = f"{Path(source).name}: " if source else ""
+    plot_mixture(x, gm.params_, ax=axes[0], labels=gm.predict(x),
+                 title=f"{where}K={k}, {cov_type} covariance, N={n}")
     plot_log_likelihood(gm.lower_bounds_, ax=axes[1])
     save_figure(fig, path)
 
@@ -500,36 +535,46 @@ def _select(args) -> int:
     ks = _parse_k_range(args.k, x.shape[0])
     print(f"{args.data}: {x.shape[0]} samples x {x.shape[1]} features; K in {ks}, "
           f"covariance types {cov_types}, {args.n_init} vmapped restart(s) each")
+    print("one compiled program per covariance type; a line per model as each type "
+          "finishes:", flush=True)
     t0 = time.perf_counter()
     compiled = _compile_totals()
-    x = _named(x, names)  # float64: cast by the estimator, as in fit
-    gm = _search(x, ks, cov_types, args.n_init, args.seed, args.max_iter, args.tol,
-                 args.reg_covar, args.criterion)
-    best = (gm.n_components_, gm.covariance_type_)
+    result = _search(x, ks, cov_types, args.n_init, args.seed, args.max_iter, args.tol,
+                     args.reg_covar, args.criterion, progress=_print_models)
+    k, cov_type, i, j, params = _chosen(result)
     print(f"done in {time.perf_counter() - t0:.1f} s")
     if args.verbose:
         print(_compile_line(compiled))
     print()
     for name in ("bic", "aic", "icl"):
-        mark = best if name == args.criterion else None
+        mark = (k, cov_type) if name == args.criterion else None
         print(f"{name.upper()} (lower is better{'; * = chosen' if mark else ''})")
-        print(_format_table(ks, cov_types, gm.criteria_[name], mark) + "\n")
-    print(f"Chosen by {args.criterion.upper()}: K={best[0]}, covariance_type={best[1]!r}")
-    print(_summary(gm, x))
-    converged = gm.criteria_["converged"]
-    not_converged = [f"K={k} {ct}" for i, k in enumerate(ks) for j, ct in enumerate(cov_types)
-                     if not converged[i, j]]
+        print(_format_table(ks, cov_types, result.table(name), mark) + "\n")
+    print(f"Chosen by {args.criterion.upper()}: K={k}, covariance_type={cov_type!r}")
+    print(_summary_lines(bool(result.converged[i, j]), int(result.n_iter[i, j]),
+                         float(result.log_likelihood[i, j]), float(result.bic[i, j]),
+                         float(result.aic[i, j]), params))
+    not_converged = [f"K={kk} {ct}" for a, kk in enumerate(ks)
+                     for b, ct in enumerate(cov_types) if not result.converged[a, b]]
     if not_converged:
         print(f"jaxem select: warning: did not converge within --max-iter: "
               f"{', '.join(not_converged)}", file=sys.stderr)
     if args.out:
-        print(f"model written to {gm.save(args.out)}")
-    if args.plot:
-        from jaxem.plot import _pyplot, plot_criteria, save_figure
+        from jaxem import io
 
-        fig, ax = _pyplot().subplots(figsize=(6, 4))
-        plot_criteria(ks, {"BIC": gm.criteria_["bic"], "AIC": gm.criteria_["aic"]}, cov_types,
-                      ax=ax)
+        history = result.lower_bounds[k, cov_type]
+        settings = {"n_components": k, "covariance_type": cov_type, "n_init": args.n_init,
+                    "max_iter": args.max_iter, "tol": args.tol, "reg_covar": args.reg_covar,
+                    "random_state": args.seed, "init_params": "k-means++"}
+        path = io.save(args.out, params, settings=settings,
+                       converged=bool(result.converged[i, j]), n_iter=int(result.n_iter[i, j]),
+                       lower_bound=float(history[-1]) if len(history) else None,
+                       feature_names=names)
+        print(f"model written to {path}")
+    if args.plot:
+        from jaxem.plot import plot_criteria, save_figure
+
+        fig = plot_criteria(result)[0].figure
         save_figure(fig, args.plot)
         print(f"plot written to {args.plot}")
     return 0
@@ -619,9 +664,19 @@ def _add_column_options(p):
                    "ranges), e.g. a class label: --drop target")
 
 
+def _version_line() -> str:
+    from importlib.metadata import version
+
+    from jaxem import __version__
+
+    return f"jaxem {__version__} (jax {version('jax')}, jaxlib {version('jaxlib')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxem", description="Expectation-Maximization in JAX: Gaussian "
                      "mixtures from the command line")
+    parser.add_argument("--version", action="version", version=_version_line(),
+                        help="print the versions of jaxem, JAX and jaxlib, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fit = sub.add_parser("fit", help="fit a Gaussian mixture to a data file",

@@ -103,41 +103,9 @@ def _feature_names(X) -> np.ndarray | None:
     return names
 
 
-class PrecisionWarning(UserWarning):
-    """float64 data fitted in float32 lose digits that matter (an offset that dwarfs the
-    spread): enable JAX's x64 mode to fit in float64."""
-
-
-_FLOAT32_SQRT_MAX = float(np.sqrt(np.float64(np.finfo(np.float32).max)))  # ~1.8e19
-_X64_HINT = ("fit in float64: jax.config.update('jax_enable_x64', True) with float64 X "
-             "(the command: --float64)")
-
-
-def _check_float32_fits(X) -> None:
-    """Before casting data to float32: refuse values beyond its range, and warn when the
-    data sit so far from the origin, relative to their spread, that float32 keeps too few
-    of the digits that separate the samples."""
-    x = np.asarray(X)
-    if x.dtype.itemsize <= 4 and x.dtype.kind == "f":
-        return
-    biggest = float(np.max(np.abs(x)))
-    if biggest > float(np.finfo(np.float32).max):
-        raise ValueError(f"X has values up to {biggest:.3g}, beyond the float32 range "
-                         f"(±{np.finfo(np.float32).max:.3g}): rescale the data, or {_X64_HINT}")
-    spread = np.std(x, axis=0)
-    offset = np.abs(np.mean(x, axis=0))
-    reach = float(np.max(np.abs(x - np.mean(x, axis=0))))
-    if reach > _FLOAT32_SQRT_MAX / 1e3:
-        raise ValueError(f"X spreads {reach:.3g} from its mean: squared distances overflow "
-                         f"float32 (3.4e38). Rescale the data, or {_X64_HINT}")
-    lost = np.finfo(np.float32).eps * offset / np.where(spread > 0, spread, np.inf)
-    if np.max(lost) > 1e-4:
-        j = int(np.argmax(lost))
-        warnings.warn(
-            f"X is float64 but is fitted in float32, and feature {j} sits at {offset[j]:.3g} "
-            f"with a spread of {spread[j]:.3g}: float32 resolves it only to "
-            f"{np.max(lost):.1e} of its spread. To keep the digits, {_X64_HINT}",
-            PrecisionWarning, stacklevel=4)
+PrecisionWarning = _validation.PrecisionWarning
+_FLOAT32_SQRT_MAX = _validation.FLOAT32_SQRT_MAX
+_X64_HINT = _validation.X64_HINT
 
 
 def _precision_of(params_or_dtype):
@@ -294,7 +262,7 @@ class GaussianMixture(*_BASES):
         if reset:
             dtype = self._dtype(X)
             if dtype == np.float32:
-                _check_float32_fits(X)
+                _validation.check_float32_fits(X, "X")
             return np.asarray(X, dtype)
         self._check_is_fitted()
         if X.shape[1] != self.n_features_in_:
@@ -467,19 +435,38 @@ class GaussianMixture(*_BASES):
 
     # ----------------------------------------------------------------- persistence
     def save(self, path):
-        """Write the fitted model to ``path`` (``.npz``; see :func:`jaxem.io.save`)."""
+        """Write the fitted model to ``path`` (``.npz``; see :func:`jaxem.io.save`), with
+        the constructor parameters it was fitted with."""
         self._check_is_fitted()
         return io.save(path, self)
+
+    def _saved_settings(self) -> dict:
+        """The constructor parameters a model file keeps: those that are None, booleans,
+        finite numbers or strings (not arrays nor ``RandomState`` objects)."""
+        settings = {}
+        for name, value in self.get_params(deep=False).items():
+            if isinstance(value, np.generic):
+                value = value.item()
+            if io._plain(value):
+                settings[name] = value
+        return settings
 
     @classmethod
     def load(cls, path) -> GaussianMixture:
         """A fitted estimator from a file written by :meth:`save` or :func:`jaxem.save`.
 
         The file is validated (see :func:`jaxem.io.read`); the estimator predicts exactly
-        what the saved one did. ``lower_bounds_`` (the history) is not stored.
+        what the saved one did, and has the constructor parameters it was fitted with
+        (``get_params()``, so ``clone`` and a refit repeat the fit; parameters that are
+        arrays or ``RandomState`` objects are not stored and come back as their defaults).
+        ``lower_bounds_`` (the history) is not stored.
         """
         params, info = io.read(path)
-        gm = cls(params.n_components, covariance_type=params.covariance_type)
+        settings = {name: value for name, value in info.get("settings", {}).items()
+                    if name in cls._get_param_names()}
+        settings.update(n_components=params.n_components,
+                        covariance_type=params.covariance_type)
+        gm = cls(**settings)
         gm._store_params(params)  # NumPy arrays: float64 stays float64 without x64 mode
         gm.converged_ = info.get("converged", True)
         gm.n_iter_ = info.get("n_iter", 0)

@@ -134,6 +134,18 @@ class GaussianMixtureIC(GaussianMixture):
         self._set_fitted(best, X.shape[1])
         return self
 
+    def _saved_settings(self) -> dict:
+        """The settings of the chosen model as a :class:`jaxem.GaussianMixture`'s (what
+        :meth:`load` builds): the chosen K and type, this search's other parameters (the
+        first init method when several were searched)."""
+        settings = super()._saved_settings()
+        settings.pop("criterion", None)
+        methods = self.init_params
+        settings["init_params"] = methods if isinstance(methods, str) else methods[0]
+        settings.update(n_components=int(self.n_components_),
+                        covariance_type=self.covariance_type_)
+        return settings
+
     @classmethod
     def load(cls, path) -> GaussianMixture:
         """The saved mixture as a :class:`jaxem.GaussianMixture` (the file holds the chosen

@@ -1,17 +1,22 @@
 """Safe save/load of fitted Gaussian mixtures: ``.npz``, no pickle, validated on load.
 
-File layout (format version 2; version 1 files, without ``feature_names``, are still read):
-arrays ``format`` (``"jaxem-gmm"``), ``format_version``, ``covariance_type``, ``weights``
-(K,), ``means`` (K, D), ``covariances`` and ``precisions_cholesky`` (the shape of the
-covariance type), optional scalars ``converged``, ``n_iter``, ``lower_bound``, and optional
-``feature_names`` (D,) strings. Members are checked from the zip directory and their
-``.npy`` headers before any data are read. Strings are stored as NumPy unicode arrays, so
-:func:`load` reads with ``allow_pickle=False``. Writes go to a temporary file in the same
-folder renamed into place: a crash never leaves a half-written model under the final name.
+File layout (format version 3; versions 1 and 2, without ``settings`` and ``feature_names``,
+are still read): arrays ``format`` (``"jaxem-gmm"``), ``format_version``,
+``covariance_type``, ``weights`` (K,), ``means`` (K, D), ``covariances`` and
+``precisions_cholesky`` (the shape of the covariance type), optional scalars ``converged``,
+``n_iter``, ``lower_bound``, optional ``feature_names`` (D,) strings, and optional
+``settings``: the estimator's constructor parameters (``n_init``, ``random_state``, ...) as
+one JSON object of numbers, strings, booleans and nulls. Members are checked from the zip
+directory and their ``.npy`` headers before any data are read. Strings are stored as NumPy
+unicode arrays, so :func:`load` reads with ``allow_pickle=False``. Writes go to a temporary
+file in the same folder renamed into place: a crash never leaves a half-written model under
+the final name.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 import zipfile
@@ -23,8 +28,8 @@ from jaxem import gmm
 from jaxem._linalg import COVARIANCE_TYPES, covariance_shape
 
 FORMAT = "jaxem-gmm"
-FORMAT_VERSION = 2  # 2 adds the optional feature_names; files of version 1 are still read
-_READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added the optional feature_names, 3 the optional settings
+_READABLE_VERSIONS = (1, 2, 3)
 _ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
 
 
@@ -32,27 +37,44 @@ class ModelFileError(ValueError):
     """A model file that cannot be trusted: corrupt, truncated, tampered or of another kind."""
 
 
-def save(path, model) -> Path:
+def save(path, model, *, settings: dict | None = None, converged=None, n_iter=None,
+         lower_bound=None, feature_names=None) -> Path:
     """Write a fitted model: :class:`jaxem.gmm.GMMParams` or a fitted
-    :class:`jaxem.GaussianMixture` (whose ``converged_``, ``n_iter_`` and ``lower_bound_``
-    are kept too).
+    :class:`jaxem.GaussianMixture` (whose constructor parameters, ``converged_``,
+    ``n_iter_``, ``lower_bound_`` and ``feature_names_in_`` are kept too).
+
+    Args:
+      path: the file (``.npz`` is appended when missing, as NumPy does).
+      model: the parameters or a fitted estimator.
+      settings, converged, n_iter, lower_bound, feature_names: for parameters, what to
+        store beside them (an estimator supplies its own): ``settings`` is a dict of
+        constructor parameters (str keys; numbers, strings, booleans or None), restored by
+        :meth:`jaxem.GaussianMixture.load`.
 
     Returns:
-      The path written (``.npz`` is appended when missing, as NumPy does).
+      The path written.
     """
-    info = {}
     if hasattr(model, "params_"):
-        info = {"converged": np.bool_(model.converged_), "n_iter": np.int64(model.n_iter_),
-                "lower_bound": np.float64(model.lower_bound_)}
-        names = getattr(model, "feature_names_in_", None)
-        if names is not None:
-            info["feature_names"] = np.asarray([str(n) for n in names])
+        settings = model._saved_settings()
+        converged, n_iter, lower_bound = model.converged_, model.n_iter_, model.lower_bound_
+        feature_names = getattr(model, "feature_names_in_", None)
         model = model.params_
-    elif type(model).__name__ == "GaussianMixture":
-        raise ValueError("the GaussianMixture is not fitted yet; call fit before save")
+    elif type(model).__name__ in ("GaussianMixture", "GaussianMixtureIC"):
+        raise ValueError(f"the {type(model).__name__} is not fitted yet; call fit before save")
     if not isinstance(model, gmm.GMMParams):
         raise TypeError("model must be jaxem.gmm.GMMParams or a fitted jaxem.GaussianMixture, "
                         f"got {type(model).__name__}")
+    info = {}
+    if converged is not None:
+        info["converged"] = np.bool_(converged)
+    if n_iter is not None:
+        info["n_iter"] = np.int64(n_iter)
+    if lower_bound is not None:
+        info["lower_bound"] = np.float64(lower_bound)
+    if feature_names is not None:
+        info["feature_names"] = np.asarray([str(n) for n in feature_names])
+    if settings is not None:
+        info["settings"] = np.array(_settings_json(settings))
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
@@ -120,11 +142,46 @@ def read(path) -> tuple[gmm.GMMParams, dict]:
         info["lower_bound"] = float(arrays["lower_bound"])
     if "feature_names" in arrays:
         info["feature_names"] = [str(n) for n in arrays["feature_names"]]
+    if "settings" in arrays:
+        info["settings"] = _parse_settings(str(arrays["settings"]), str(path))
     return params, info
 
 
+def _plain(value) -> bool:
+    """A setting a model file can hold: None, a bool, a finite number or a string."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, bool | int | str)
+
+
+def _settings_json(settings: dict) -> str:
+    if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+        raise TypeError(f"settings must be a dict with str keys, got {settings!r}")
+    plain = {}
+    for name, value in settings.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not _plain(value):
+            raise TypeError(f"settings[{name!r}] = {value!r}: a model file holds None, "
+                            "booleans, finite numbers and strings only")
+        plain[name] = value
+    return json.dumps(plain, sort_keys=True)
+
+
+def _parse_settings(text: str, where: str) -> dict:
+    try:
+        settings = json.loads(text)
+    except ValueError as e:
+        raise ModelFileError(f"{where}: settings are not valid JSON ({e})") from None
+    if not isinstance(settings, dict) or not all(
+            isinstance(k, str) and _plain(v) for k, v in settings.items()):
+        raise ModelFileError(f"{where}: settings must be a JSON object of numbers, strings, "
+                             "booleans and nulls")
+    return settings
+
+
 _ALLOWED = (*_ARRAYS, "format", "format_version", "covariance_type", "converged", "n_iter",
-            "lower_bound", "feature_names")
+            "lower_bound", "feature_names", "settings")
 # Largest array a model file may declare: K·D² float64 for K = D = 4096 is 2^36 bytes; a
 # member declaring more is refused from its header, before anything is decompressed.
 _MAX_MEMBER_BYTES = 2**36
@@ -229,6 +286,9 @@ def _check(arrays: dict, where: str) -> None:
         names = arrays["feature_names"]
         if names.dtype.kind != "U" or names.shape != (d,) or len(set(names.tolist())) != d:
             bad(f"feature_names must be {d} distinct strings, got {names.dtype} {names.shape}")
+    if "settings" in arrays and (arrays["settings"].dtype.kind != "U"
+                                 or arrays["settings"].shape != ()):
+        bad("settings must be one string")
 
 
 def _check_precisions(cov, prec_chol, cov_type, d, bad) -> None:

@@ -18,6 +18,9 @@ model whose ``init`` takes ``n_live`` and whose ``n_parameters`` counts live com
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +56,23 @@ class SearchResult:
     def table(self, criterion: str | None = None) -> np.ndarray:
         """The (n_ks, n_types) table of ``criterion`` (default: the one searched on)."""
         return getattr(self, _check_criterion(criterion or self.criterion))
+
+
+class TypeFitted(NamedTuple):
+    """What :func:`select` reports to its ``progress`` hook when one covariance type's
+    program has run: a row per K (arrays of length ``len(ks)``)."""
+
+    covariance_type: str
+    index: int  # position in the search's covariance types
+    n_types: int
+    seconds: float  # this type's program, its compilation included
+    ks: tuple
+    bic: np.ndarray
+    aic: np.ndarray
+    icl: np.ndarray
+    n_iter: np.ndarray
+    converged: np.ndarray
+    failed: np.ndarray
 
 
 def _check_criterion(criterion) -> str:
@@ -166,6 +186,7 @@ def select(
     reg_covar: float = 1e-6,
     seed: int = 0,
     chunk_size: int | None = None,
+    progress: Callable[[TypeFitted], None] | None = None,
 ) -> SearchResult:
     """Fit every K in ``ks`` and covariance type, ``n_init`` restarts each; score by BIC,
     AIC and ICL.
@@ -193,6 +214,8 @@ def select(
       tol, max_iter, reg_covar: as :class:`jaxem.GaussianMixture`'s.
       seed: random seed (the same keys for every K and type).
       chunk_size: optional E-step block size.
+      progress: optional callable, given a :class:`TypeFitted` after each covariance
+        type's program (e.g. to print a line per model while a long search runs).
 
     Returns:
       :class:`SearchResult`; cells that failed (a non-finite value) keep their last finite
@@ -215,8 +238,12 @@ def select(
     if seed >= 2**32:
         raise ValueError(f"seed must be below 2**32, got {seed}")
     _validation.check_sample_weight(weights, np.shape(x)[0], "weights")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
     x = np.asarray(x)
     dtype = em.floating_dtype(x)
+    if dtype == np.float32:
+        _validation.check_float32_fits(x, "x")
     x = np.asarray(x, dtype)
     n = x.shape[0]
     w_sum = float(n if weights is None else np.sum(weights))
@@ -239,6 +266,7 @@ def select(
     # One type after the other (measured: running the types' programs from a thread pool
     # saves nothing on the CPU, where XLA already compiles each with several threads).
     for j, cov_type in enumerate(types):
+        started = time.perf_counter()
         model = GaussianMixtureModel(cov_type, chunk_size).with_batch(members,
                                                                       em.RESTARTS_AXIS)
         inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter,
@@ -265,6 +293,11 @@ def select(
             lower_bounds[k, cov_type] = history[i, :n_iter[i]]
             one = jax.tree_util.tree_map(lambda a, i=i: a[i], cells)
             params[k, cov_type] = model.first_components(one, k)
+        if progress is not None:
+            progress(TypeFitted(cov_type, j, len(types), time.perf_counter() - started, ks,
+                                *(tables[name][:, j].copy() for name in ("bic", "aic", "icl")),
+                                n_iter.astype(int), converged[:, j].copy(),
+                                failed[:, j].copy()))
     score = tables[criterion]
     i, j = np.unravel_index(np.argmin(np.where(np.isfinite(score), score, np.inf)), shape)
     return SearchResult(

@@ -65,6 +65,53 @@ def test_demo_prints_bic_table_chosen_model_and_writes_plot(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the command saves, kept open to look at (and still written)."""
+    from jaxem import plot
+
+    import matplotlib.pyplot as plt
+
+    kept = []
+
+    def save(fig, path):
+        fig.savefig(path, dpi=50)
+        kept.append(fig)
+
+    monkeypatch.setattr(plot, "save_figure", save)
+    yield kept
+    for fig in kept:
+        plt.close(fig)
+
+
+def _texts_fit_for_a_report(fig):
+    from jaxem import plot
+
+    assert plot.overlapping_text(fig) == []
+    axes = fig.get_axes()
+    assert axes and all(ax.get_title() for ax in axes)
+    return axes
+
+
+def test_demo_plot_names_units_title_and_marks_the_choice(tmp_path, figures):
+    out = run("demo", "--max-k", "2", "--n-init", "1", "--plot", tmp_path / "d.png")
+    assert out.returncode == 0, out.stderr
+    (fig,) = figures
+    scatter, criteria = _texts_fit_for_a_report(fig)
+    assert (scatter.get_xlabel(), scatter.get_ylabel()) == ("eruptions (min)", "waiting (min)")
+    assert "Old Faithful: K=" in scatter.get_title() and "N=272" in scatter.get_title()
+    assert "(chosen)" in criteria.get_title() and criteria.get_legend() is not None
+
+
+def test_version():
+    from importlib.metadata import version
+
+    out = run_command("--version")
+    assert out.returncode == 0
+    assert out.stdout.split()[:2] == ["jaxem", version("jaxem")]
+    assert f"jax {version('jax')}" in out.stdout
+
+
 def test_help_and_bad_usage():
     top = run_command("--help")
     assert top.returncode == 0 and "demo" in top.stdout
@@ -127,6 +174,20 @@ def test_fit_prints_progress_summary_and_saves(data_files, tmp_path):
     gm = __import__("jaxem").GaussianMixture.load(model)
     assert gm.n_components == 2 and gm.n_iter_ == n_iter
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the file keeps how the model was fitted
+    assert (gm.n_init, gm.random_state, gm.max_iter, gm.tol) == (2, 0, 100, 1e-3)
+
+
+def test_fit_plot_has_the_column_names_and_what_was_fitted(data_files, tmp_path, figures):
+    d, x = data_files
+    out = run("fit", str(d / "wide.csv"), "-k", "2", "--quiet", "--columns", "waiting,noise",
+              "--plot", tmp_path / "f.png")
+    assert out.returncode == 0, out.stderr
+    (fig,) = figures
+    scatter, history = _texts_fit_for_a_report(fig)
+    assert (scatter.get_xlabel(), scatter.get_ylabel()) == ("waiting", "noise")
+    assert scatter.get_title() == f"wide.csv: K=2, full covariance, N={len(x)}"
+    assert history.get_ylabel() == "mean log-likelihood per sample"
 
 
 def test_fit_reads_every_format_to_the_same_fit(data_files):
@@ -161,6 +222,31 @@ def test_select_table_choice_plot_and_model(data_files, tmp_path):
     assert (gm.n_components, gm.covariance_type) == (i + 1, cov_types[j])
     assert gm.bic(x.astype(np.float32)) == pytest.approx(values[i, j], abs=0.1)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # a line per model as each covariance type's program finishes, before the tables
+    progress = out.stdout.split("BIC (lower is better")[0]
+    lines = [ln.split() for ln in progress.splitlines() if ln.strip().startswith("K=")]
+    assert [(ln[0], ln[1]) for ln in lines] == [("K=1", "full"), ("K=2", "full"),
+                                                ("K=1", "diag"), ("K=2", "diag")]
+    for ln in lines:  # the BIC printed as it came equals the table's
+        k, ct = int(ln[0][2:]), ln[1]
+        assert float(ln[3]) == pytest.approx(values[k - 1, cov_types.index(ct)], abs=0.05)
+    assert "[1/2] full: 2 model(s) in" in progress and "[2/2] diag" in progress
+    # the saved model keeps the search's settings for its K and type
+    assert (gm.n_init, gm.random_state, gm.max_iter, gm.init_params) == (1, 0, 100, "k-means++")
+    assert not hasattr(gm, "feature_names_in_")  # a .npy file has no column names
+
+
+def test_select_plot_one_panel_per_criterion(data_files, tmp_path, figures):
+    d, _ = data_files
+    out = run("select", str(d / "header.csv"), "--k", "1:3", "--covariance-type", "tied,diag",
+              "--plot", tmp_path / "s.png", "--criterion", "aic", "--out", tmp_path / "m.npz")
+    assert out.returncode == 0, out.stderr
+    gm = __import__("jaxem").GaussianMixture.load(tmp_path / "m.npz")
+    assert list(gm.feature_names_in_) == ["eruptions", "waiting"]
+    (fig,) = figures
+    axes = _texts_fit_for_a_report(fig)
+    assert [ax.get_ylabel().split()[0] for ax in axes] == ["BIC", "AIC", "ICL"]
+    assert "(chosen)" in axes[1].get_title() and "chosen by AIC" in fig.get_suptitle()
 
 
 def test_predict_and_sample_from_a_saved_model(data_files, tmp_path):

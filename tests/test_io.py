@@ -71,6 +71,11 @@ BAD = {
     "mismatch": (lambda a: a.__setitem__("covariances", a["covariances"] * 1.05),
                  "does not match"),
     "scalar": (_set("n_iter", np.array([1, 2])), "n_iter must be a scalar"),
+    "settings_json": (_set("settings", np.array("{n_init: 3")), "settings are not valid JSON"),
+    "settings_kind": (_set("settings", np.array('{"n_init": [1, 2]}')),
+                      "settings must be a JSON object of numbers"),
+    "settings_list": (_set("settings", np.array('["n_init"]')), "settings must be a JSON"),
+    "settings_array": (_set("settings", np.array(["{}", "{}"])), "settings must be one string"),
 }
 
 
@@ -128,11 +133,67 @@ def test_a_crash_while_writing_leaves_the_old_file_intact(tmp_path, fitted, monk
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary left behind
 
 
+def test_a_loaded_model_keeps_how_it_was_fitted(tmp_path):
+    from sklearn.base import clone
+
+    x = make_blobs(np.random.default_rng(3), n_per=50, k=3, d=2)
+    gm = jaxem.GaussianMixture(3, covariance_type="diag", n_init=3, random_state=42,
+                               max_iter=40, tol=1e-4, reg_covar=1e-5, init_params="random",
+                               means_init=None).fit(x)
+    loaded = jaxem.GaussianMixture.load(gm.save(tmp_path / "m.npz"))
+    assert loaded.get_params() == gm.get_params()
+    assert repr(loaded) == repr(gm)
+    # a refit of the loaded (or cloned) estimator repeats the fit
+    refit = clone(loaded).fit(x)
+    np.testing.assert_array_equal(refit.means_, gm.means_)
+    # arrays and RandomState objects are not stored: their defaults come back
+    means = gm.means_
+    gm2 = jaxem.GaussianMixture(3, means_init=means, random_state=np.random.RandomState(0),
+                                n_init=2).fit(x)
+    loaded2 = jaxem.GaussianMixture.load(gm2.save(tmp_path / "m2.npz"))
+    assert loaded2.means_init is None and loaded2.random_state is None
+    assert loaded2.n_init == 2
+    # files written before settings were stored still load, as the bare K and type
+    arrays = _arrays(tmp_path / "m.npz")
+    del arrays["settings"]
+    arrays["format_version"] = np.array(2)
+    np.savez(tmp_path / "v2.npz", **arrays)
+    old = jaxem.GaussianMixture.load(tmp_path / "v2.npz")
+    assert (old.n_components, old.covariance_type, old.n_init) == (3, "diag", 1)
+    # the settings cannot contradict the parameters: K and type come from the arrays
+    arrays = _arrays(tmp_path / "m.npz")
+    arrays["settings"] = np.array('{"n_components": 7, "covariance_type": "full", "tol": 0.5, '
+                                  '"unknown_option": 1}')
+    np.savez(tmp_path / "odd.npz", **arrays)
+    odd = jaxem.GaussianMixture.load(tmp_path / "odd.npz")
+    assert (odd.n_components, odd.covariance_type, odd.tol) == (3, "diag", 0.5)
+
+
+def test_gaussian_mixture_ic_saves_the_chosen_models_settings(tmp_path):
+    x = make_blobs(np.random.default_rng(4), n_per=50, k=2, d=2)
+    ic = jaxem.GaussianMixtureIC((1, 2, 3), covariance_type=("full", "diag"), n_init=2,
+                                 random_state=5, max_iter=60).fit(x)
+    loaded = jaxem.GaussianMixtureIC.load(ic.save(tmp_path / "ic.npz"))
+    assert type(loaded) is jaxem.GaussianMixture
+    assert (loaded.n_components, loaded.covariance_type) == (ic.n_components_,
+                                                             ic.covariance_type_)
+    assert (loaded.n_init, loaded.random_state, loaded.max_iter, loaded.init_params) == (
+        2, 5, 60, "k-means++")
+    # which reproduces the chosen cell
+    np.testing.assert_allclose(loaded.fit(x).means_, ic.means_, rtol=1e-5, atol=1e-5)
+
+
 def test_save_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(ValueError, match="not fitted"):
         jaxem.GaussianMixture(2).save(tmp_path / "m.npz")
     with pytest.raises(TypeError, match="GMMParams"):
         jaxem.save(tmp_path / "m.npz", {"weights": [1.0]})
+    params = jaxem.GaussianMixture(1).fit(np.random.default_rng(0).normal(size=(20, 2))).params_
+    with pytest.raises(TypeError, match=r"settings\['means_init'\]"):
+        jaxem.save(tmp_path / "m.npz", params, settings={"means_init": np.zeros((1, 2))})
+    with pytest.raises(TypeError, match="str keys"):
+        jaxem.save(tmp_path / "m.npz", params, settings={1: 2})
+    assert not (tmp_path / "m.npz").exists()
 
 
 @pytest.mark.parametrize("cov_type", COV_TYPES)

@@ -120,6 +120,11 @@ def test_search_validates_before_compiling(rng):
         jaxem.select(x, [1, 2], ["ful"])
     with pytest.raises(TypeError, match="ks"):
         jaxem.select(x, [1.5])
+    if not jax.config.jax_enable_x64:  # float64 data fitted in float32: checked as fit does
+        with pytest.raises(ValueError, match="x has values up to 1e\\+39"):
+            jaxem.select(np.vstack([x, [[1e39, 0.0]]]), [1, 2])
+        with pytest.warns(jaxem.PrecisionWarning, match="x is float64"):
+            jaxem.select(x * 1e-3 + 1e6, [1], "spherical", max_iter=1)
 
 
 def test_gaussian_mixture_ic_chooses_k_and_type_and_acts_as_the_chosen_mixture(rng):
@@ -231,3 +236,43 @@ def test_quick_compile_is_opt_in_and_only_for_small_top_level_programs(monkeypat
     monkeypatch.setenv(em.QUICK_COMPILE_ENV, "1")
     assert em.quick_compile(256, small) and not em.quick_compile(10**5, big)
     assert not jax.jit(lambda v: v + em.quick_compile(256, small))(0)  # inside a trace
+
+
+def test_progress_reports_each_type_as_its_program_finishes(rng):
+    x = make_blobs(rng, n_per=40, k=2, d=2)
+    seen = []
+    result = jaxem.select(x, (1, 2, 3), ("diag", "full"), progress=seen.append)
+    assert [(p.covariance_type, p.index, p.n_types) for p in seen] == [("diag", 0, 2),
+                                                                      ("full", 1, 2)]
+    for p in seen:
+        j = result.covariance_types.index(p.covariance_type)
+        assert p.ks == result.ks and p.seconds > 0
+        for name in ("bic", "aic", "icl", "n_iter", "converged", "failed"):
+            np.testing.assert_array_equal(getattr(p, name), getattr(result, name)[:, j])
+    with pytest.raises(TypeError, match="progress must be callable"):
+        jaxem.select(x, (1, 2), "diag", progress="yes")
+
+
+def test_the_functional_api_and_the_search_command_do_not_import_scikit_learn(tmp_path):
+    """scikit-learn (0.7 s to import) is loaded only for the estimators."""
+    import subprocess
+    import sys
+
+    np.savetxt(tmp_path / "x.csv", make_blobs(np.random.default_rng(0), n_per=30, k=2, d=2),
+               delimiter=",")
+    code = (
+        "import sys\n"
+        "import jaxem\n"
+        "from jaxem import cli\n"
+        f"assert cli.main(['select', {str(tmp_path / 'x.csv')!r}, '--k', '1:2',"
+        " '--covariance-type', 'diag']) == 0\n"
+        "assert 'sklearn' not in sys.modules, 'the search imported scikit-learn'\n"
+        "assert issubclass(jaxem.GaussianMixture, __import__('sklearn').base.BaseEstimator)\n"
+        "assert jaxem.GaussianMixtureIC.__module__ == 'jaxem.gaussian_mixture_ic'\n"
+        "assert 'GaussianMixture' in dir(jaxem)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, env={**__import__("os").environ,
+                                           "JAXEM_NO_COMPILATION_CACHE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "Chosen by BIC" in out.stdout
