@@ -1,6 +1,10 @@
-"""matplotlib helpers (optional extra ``jaxem[plot]``); files are written with the Agg backend."""
+"""matplotlib helpers (optional extra ``jaxem[plot]``); files are written with the Agg backend
+unless the caller chose another (pyplot already imported, or ``MPLBACKEND`` set)."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import numpy as np
 
@@ -12,7 +16,10 @@ def _pyplot():
         import matplotlib
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("plotting needs matplotlib: pip install 'jaxem[plot]'") from e
-    matplotlib.use("Agg", force=False)
+    # Files are written with Agg, unless a backend was chosen already: pyplot imported by
+    # the caller, or MPLBACKEND set (Jupyter's inline backend, whose figures show in cells).
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
