@@ -447,7 +447,7 @@ class GaussianMixture(*_BASES):
         for name, value in self.get_params(deep=False).items():
             if isinstance(value, np.generic):
                 value = value.item()
-            if io._plain(value):
+            if io.storable_setting(value):
                 settings[name] = value
         return settings
 

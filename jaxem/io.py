@@ -147,7 +147,7 @@ def read(path) -> tuple[gmm.GMMParams, dict]:
     return params, info
 
 
-def _plain(value) -> bool:
+def storable_setting(value) -> bool:
     """A setting a model file can hold: None, a bool, a finite number or a string."""
     if isinstance(value, float):
         return math.isfinite(value)
@@ -161,7 +161,7 @@ def _settings_json(settings: dict) -> str:
     for name, value in settings.items():
         if isinstance(value, np.generic):
             value = value.item()
-        if not _plain(value):
+        if not storable_setting(value):
             raise TypeError(f"settings[{name!r}] = {value!r}: a model file holds None, "
                             "booleans, finite numbers and strings only")
         plain[name] = value
@@ -174,7 +174,7 @@ def _parse_settings(text: str, where: str) -> dict:
     except ValueError as e:
         raise ModelFileError(f"{where}: settings are not valid JSON ({e})") from None
     if not isinstance(settings, dict) or not all(
-            isinstance(k, str) and _plain(v) for k, v in settings.items()):
+            isinstance(k, str) and storable_setting(v) for k, v in settings.items()):
         raise ModelFileError(f"{where}: settings must be a JSON object of numbers, strings, "
                              "booleans and nulls")
     return settings

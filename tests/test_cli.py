@@ -68,9 +68,9 @@ def test_demo_prints_bic_table_chosen_model_and_writes_plot(tmp_path):
 @pytest.fixture
 def figures(monkeypatch):
     """The figures the command saves, kept open to look at (and still written)."""
-    from jaxem import plot
-
     import matplotlib.pyplot as plt
+
+    from jaxem import plot
 
     kept = []
 
