@@ -1,4 +1,5 @@
-"""A persistent XLA compilation cache in the user's own cache folder.
+"""A persistent XLA compilation cache in the user's own cache folder, and a guard that keeps
+a long session's compiled programs from exhausting the process's memory mappings.
 
 Compilation is most of the time of a small fit, and JAX forgets every compiled program when
 the process ends. The ``jaxem`` command and :class:`jaxem.GaussianMixture` therefore turn on
@@ -8,6 +9,15 @@ programs instead of compiling them. Where it lives: ``$XDG_CACHE_HOME/jaxem/xla`
 folder belongs to them. It is left alone when the user already chose a cache
 (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config.jax_compilation_cache_dir``), and turned off
 by setting ``JAXEM_NO_COMPILATION_CACHE=1``.
+
+Memory mappings: XLA's CPU backend maps each compiled kernel's code and constants as pages
+of their own (measured: about 3 mappings per kernel, 100-600 per fitted model), and Linux
+caps a process at ``vm.max_map_count`` mappings (65530 by default). A process that compiles
+hundreds of different programs (a research loop over shapes and settings, a test worker)
+reached the cap, and then LLVM's JIT failed ("Cannot allocate memory") and the process died
+with SIGSEGV while compiling. :func:`release_programs_if_crowded`, called by every driver
+before it compiles, drops JAX's compiled programs (``jax.clear_caches``) when the mappings
+pass half the cap; they are compiled again (or loaded from the persistent cache) on demand.
 """
 
 from __future__ import annotations
@@ -72,14 +82,60 @@ def _listen(event: str, duration: float, **kwargs) -> None:
         _totals[stage] = _totals.get(stage, 0.0) + duration
         if stage == "compile":
             _totals["programs"] = _totals.get("programs", 0) + 1
+            _maps["compiled"] += 1
+
+
+# Programs compiled since the mappings were last counted; the count costs ~0.1 ms per
+# thousand mappings, so it is taken only after this many compilations.
+MAPS_CHECK_EVERY = 16
+MAPS_BUDGET = 0.5  # the share of vm.max_map_count at which compiled programs are dropped
+_maps = {"compiled": 0, "released": 0}
+
+
+def _map_limit() -> int | None:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None  # not Linux: no such cap to guard
+
+
+def memory_mappings() -> int | None:
+    """The number of memory mappings of this process (Linux), else None."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def release_programs_if_crowded(force_check: bool = False) -> bool:
+    """Drop JAX's compiled programs (``jax.clear_caches``) when this process's memory
+    mappings exceed :data:`MAPS_BUDGET` of ``vm.max_map_count``; whether it did. Looks only
+    after :data:`MAPS_CHECK_EVERY` compilations (or ``force_check``)."""
+    _start_listening()
+    if not force_check and _maps["compiled"] < MAPS_CHECK_EVERY:
+        return False
+    _maps["compiled"] = 0
+    limit = _maps.setdefault("limit", _map_limit())
+    used = memory_mappings()
+    if limit is None or used is None or used < MAPS_BUDGET * limit:
+        return False
+    jax.clear_caches()
+    _maps["released"] += 1
+    return True
+
+
+def _start_listening() -> None:
+    if not _state.get("listening"):
+        jax.monitoring.register_event_duration_secs_listener(_listen)
+        _state["listening"] = True
 
 
 def compile_totals() -> dict:
     """Seconds this process has spent tracing, lowering and compiling (XLA; a program
     loaded from the persistent cache counts its lookup) and the number of programs built:
     ``{"trace": s, "lower": s, "compile": s, "programs": n}``. Counting starts at the
-    first call (the ``jaxem`` command calls it at start-up)."""
-    if not _state.get("listening"):
-        jax.monitoring.register_event_duration_secs_listener(_listen)
-        _state["listening"] = True
+    first call (the ``jaxem`` command calls it at start-up; so does every driver)."""
+    _start_listening()
     return {"trace": 0.0, "lower": 0.0, "compile": 0.0, "programs": 0, **_totals}

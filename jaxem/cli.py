@@ -274,6 +274,12 @@ def _print_models(done) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _print_type(done) -> None:
+    """A line per covariance type whose program has run (the demo's short progress)."""
+    print(f"  [{done.index + 1}/{done.n_types}] {done.covariance_type}: {len(done.ks)} "
+          f"models in {done.seconds:.1f} s", flush=True)
+
+
 def _chosen(result):
     """(K, type, row, column, params) of the search's chosen model."""
     k, cov_type = result.best
@@ -332,7 +338,8 @@ def _demo(args) -> int:
           f"{args.n_init} vmapped restarts each ...")
     t0 = time.perf_counter()
     compiled = _compile_totals()
-    result = _search(x, ks, COVARIANCE_TYPES, args.n_init, args.seed, max_iter=500)
+    result = _search(x, ks, COVARIANCE_TYPES, args.n_init, args.seed, max_iter=500,
+                     progress=_print_type)
     bic = result.bic
     k, cov_type, i, j, params = _chosen(result)
     print(f"done in {time.perf_counter() - t0:.1f} s (one compiled program per covariance "

@@ -17,6 +17,14 @@ from jaxem._cache import enable_persistent_cache
 from jaxem.estimator import GaussianMixture, _seed
 
 
+def _print_type(done) -> None:
+    """``verbose``: a line per covariance type as its program finishes."""
+    best = int(np.argmin(np.where(np.isfinite(done.bic), done.bic, np.inf)))
+    print(f"[{done.index + 1}/{done.n_types}] {done.covariance_type}: K={list(done.ks)} in "
+          f"{done.seconds:.1f} s; lowest BIC {done.bic[best]:.1f} at K={done.ks[best]}",
+          flush=True)
+
+
 class GaussianMixtureIC(GaussianMixture):
     """Gaussian mixture whose K and covariance type are chosen by BIC, AIC or ICL.
 
@@ -26,8 +34,10 @@ class GaussianMixtureIC(GaussianMixture):
       criterion: ``"bic"`` (default), ``"aic"`` or ``"icl"`` (lower is better).
       init_params: ``"k-means++"`` (default), another method or a tuple of methods; see
         :func:`jaxem.select`'s ``init_method``.
-      tol, reg_covar, max_iter, n_init, random_state, verbose, chunk_size: as
+      tol, reg_covar, max_iter, n_init, random_state, chunk_size: as
         :class:`jaxem.GaussianMixture`'s, for every candidate.
+      verbose: ``>= 1`` prints a line per covariance type as its program finishes (its
+        lowest BIC), then the criterion's table and the choice.
 
     Attributes (after ``fit``), besides those of :class:`jaxem.GaussianMixture` for the
     chosen model:
@@ -108,7 +118,7 @@ class GaussianMixtureIC(GaussianMixture):
             X, ks, self.covariance_type, criterion=self.criterion, n_init=self.n_init,
             init_method=self.init_params, weights=sample_weight, tol=self.tol,
             max_iter=self.max_iter, reg_covar=self.reg_covar, seed=_seed(self.random_state),
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, progress=_print_type if self.verbose else None,
         )
         self.search_ = result
         self.criteria_ = {

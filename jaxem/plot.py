@@ -82,10 +82,11 @@ def _legend_outside(ax, handles=None, title=None):
 
 def plot_mixture(x, params, ax=None, dims=None, labels=None, n_std=(1.0, 2.0), *,
                  feature_names=None, title=None, legend=True):
-    """Scatter of the data with each component's covariance ellipses.
+    """Scatter of the data with each component's covariance ellipses; for one feature, a
+    histogram with the mixture's density and each weighted component's.
 
     Args:
-      x: (N, D) data, D >= 2 (a DataFrame's column names label the axes).
+      x: (N, D) data (a DataFrame's column names label the axes).
       params: fitted :class:`jaxem.gmm.GMMParams`.
       ax: matplotlib axes (a new figure if None).
       dims: two feature indices, or ``"pca"`` to project data, means and covariances onto
@@ -108,8 +109,10 @@ def plot_mixture(x, params, ax=None, dims=None, labels=None, n_std=(1.0, 2.0), *
     from matplotlib.lines import Line2D
     from matplotlib.patches import Ellipse
 
-    if np.ndim(x) != 2 or np.shape(x)[1] < 2:
-        raise ValueError(f"x must be 2-D with at least 2 features, got shape {np.shape(x)}")
+    if np.ndim(x) != 2 or np.shape(x)[1] < 1:
+        raise ValueError(f"x must be 2-D (n_samples, n_features), got shape {np.shape(x)}")
+    if np.shape(x)[1] == 1:
+        return _plot_one_feature(x, params, ax, feature_names, title, legend)
     n_std = tuple(float(s) for s in np.atleast_1d(n_std))
     if not n_std or len(n_std) > len(_ELLIPSE_STYLES) or min(n_std) <= 0:
         raise ValueError(f"n_std must be 1 to {len(_ELLIPSE_STYLES)} positive radii, "
@@ -144,6 +147,36 @@ def plot_mixture(x, params, ax=None, dims=None, labels=None, n_std=(1.0, 2.0), *
         handles.append(Line2D([], [], color="k", marker="+", ls="", ms=10,
                               label="component mean"))
         _legend_outside(ax, handles)
+    return ax
+
+
+def _plot_one_feature(x, params, ax, feature_names, title, legend):
+    """One feature: a density histogram, the mixture density and w_k N(x | μ_k, σ_k²)."""
+    plt = _pyplot()
+    name = _feature_names(x, feature_names, 1)[0]
+    x = np.asarray(x, float)[:, 0]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
+    weights = np.asarray(params.weights, float)
+    means = np.asarray(params.means, float)[:, 0]
+    sd = np.sqrt(_full_covariances(params).astype(float)[:, 0, 0])
+    span = max(float(np.ptp(x)), float(sd.max()), 1e-12)
+    grid = np.linspace(x.min() - 0.1 * span, x.max() + 0.1 * span, 400)
+    dens = weights[:, None] * np.exp(-0.5 * ((grid[None] - means[:, None]) / sd[:, None]) ** 2
+                                     ) / (sd[:, None] * np.sqrt(2 * np.pi))
+    ax.hist(x, bins="auto", density=True, color="0.8", label="data (density histogram)")
+    ax.plot(grid, dens.sum(axis=0), "k-", lw=2, label="mixture density")
+    for k in range(len(weights)):
+        ax.plot(grid, dens[k], "--", color=f"C{k % 10}", lw=1.5,
+                label=f"component {k} (weight {weights[k]:.2f})")
+    ax.set_xlabel(name)
+    ax.set_ylabel("density")
+    if title is None:
+        title = f"K={len(weights)}, {params.covariance_type} covariance, N={len(x)}"
+    if title:
+        ax.set_title(title)
+    if legend:
+        _legend_outside(ax)
     return ax
 
 

@@ -127,7 +127,8 @@ def _seeding_program(x, weights, key, n_live, k_max, n_init, methods):
     return tuple(out)
 
 
-_seeding_jit = jax.jit(_seeding_program, static_argnames=("k_max", "n_init", "methods"))
+_seeding_jit, _seeding_jit_quick = em.jit_pair(_seeding_program,
+                                               ("k_max", "n_init", "methods"))
 
 
 def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max, n_init,
@@ -258,8 +259,11 @@ def select(
     lower_bounds, params = {}, {}
     # Hard seedings (k-means, k-means++, random_from_data) once for every type.
     if all(m in HARD_INIT_METHODS for m in methods):
-        labels = _seeding_jit(jnp.asarray(xp), jnp.asarray(wp), key, n_live, k_max, n_init,
-                              methods)
+        seeding = (_seeding_jit_quick if em.quick_compile(xp.shape[0], x.shape[1] * k_max,
+                                                          len(ks) * n_init * len(methods))
+                   else _seeding_jit)
+        labels = seeding(jnp.asarray(xp), jnp.asarray(wp), key, n_live, k_max, n_init,
+                         methods)
     else:
         labels = None
     members = len(ks) * n_init * len(methods)

@@ -24,6 +24,15 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module ends by dropping JAX's compiled programs: a worker that keeps every
+    program of the suite runs out of memory mappings (see jaxem/_cache.py). The next
+    module loads what it shares from the run's compilation cache."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def x64():
     """Run the test body with JAX's float64 mode on."""

@@ -98,12 +98,31 @@ def test_plot_mixture_names_ellipse_styles_and_bad_arguments(fitted):
     ax = plot.plot_mixture(x, gm.params_, dims=(0, 1))
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("feature 0", "feature 1")
     plt.close(ax.figure)
-    with pytest.raises(ValueError, match="at least 2 features"):
-        plot.plot_mixture(x[:, :1], gm.params_)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        plot.plot_mixture(x[:, 0], gm.params_)
     with pytest.raises(ValueError, match="feature_names has 2 names for 4 features"):
         plot.plot_mixture(x, gm.params_, feature_names=["a", "b"])
     with pytest.raises(ValueError, match="n_std"):
         plot.plot_mixture(x, gm.params_, n_std=(-1.0,))
+
+
+def test_one_feature_is_a_histogram_with_the_mixture_density(tmp_path):
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(-3, 1, 300), rng.normal(2, 0.5, 200)])[:, None]
+    gm = jaxem.GaussianMixture(2, random_state=0).fit(x)
+    ax = plot.plot_mixture(x, gm.params_, feature_names=["log income"])
+    assert ax.get_xlabel() == "log income" and ax.get_ylabel() == "density"
+    assert ax.get_title() == "K=2, full covariance, N=500"
+    mixture, *components = ax.lines
+    grid, total = mixture.get_xydata().T
+    # the drawn density is the model's: it integrates to ~1 and matches score_samples
+    assert np.trapezoid(total, grid) == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_allclose(total, np.exp(gm.score_samples(grid[:, None])), rtol=1e-4,
+                               atol=1e-7)
+    np.testing.assert_allclose(sum(c.get_ydata() for c in components), total, rtol=1e-6)
+    assert "component 0 (weight" in " ".join(_legend_texts(ax))
+    assert plot.overlapping_text(ax.figure) == []
+    assert _written(ax.figure, tmp_path / "one.png")
 
 
 def test_pca_projection_is_the_projected_gaussian(fitted):

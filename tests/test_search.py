@@ -229,13 +229,15 @@ def test_several_init_methods_run_in_one_search_and_keep_the_best(x64, rng):
     assert both.n_iter.shape == (2, 1)
 
 
-def test_quick_compile_is_opt_in_and_only_for_small_top_level_programs(monkeypatch):
+def test_quick_compile_is_on_for_small_top_level_programs_unless_turned_off(monkeypatch):
     small, big = em.mixture_entries(3, 2), em.mixture_entries(64, 64)
     monkeypatch.delenv(em.QUICK_COMPILE_ENV, raising=False)
-    assert em.small_program(256, small) and not em.quick_compile(256, small)
-    monkeypatch.setenv(em.QUICK_COMPILE_ENV, "1")
-    assert em.quick_compile(256, small) and not em.quick_compile(10**5, big)
+    assert em.small_program(256, small) and em.quick_compile(256, small)
+    assert not em.quick_compile(10**5, big)
     assert not jax.jit(lambda v: v + em.quick_compile(256, small))(0)  # inside a trace
+    for off in ("0", "false", "no"):
+        monkeypatch.setenv(em.QUICK_COMPILE_ENV, off)
+        assert not em.quick_compile(256, small)
 
 
 def test_progress_reports_each_type_as_its_program_finishes(rng):
@@ -276,3 +278,15 @@ def test_the_functional_api_and_the_search_command_do_not_import_scikit_learn(tm
                                            "JAXEM_NO_COMPILATION_CACHE": "1"})
     assert out.returncode == 0, out.stderr
     assert "Chosen by BIC" in out.stdout
+
+
+def test_gaussian_mixture_ic_verbose_reports_each_type(rng, capsys):
+    x = make_blobs(rng, n_per=40, k=2, d=2)
+    ic = jaxem.GaussianMixtureIC((1, 2), covariance_type=("full", "spherical"), verbose=1)
+    ic.fit(x)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/2] full: K=[1, 2] in ")
+    assert lines[1].startswith("[2/2] spherical: K=[1, 2] in ")
+    j = ic.search_.covariance_types.index("full")
+    assert f"lowest BIC {ic.search_.bic[:, j].min():.1f}" in lines[0]
+    assert any(ln.startswith(f"chosen: K={ic.n_components_}") for ln in lines)
