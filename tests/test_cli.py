@@ -188,6 +188,12 @@ def test_fit_plot_has_the_column_names_and_what_was_fitted(data_files, tmp_path,
     assert (scatter.get_xlabel(), scatter.get_ylabel()) == ("waiting", "noise")
     assert scatter.get_title() == f"wide.csv: K=2, full covariance, N={len(x)}"
     assert history.get_ylabel() == "mean log-likelihood per sample"
+    # one column: a histogram with the mixture density, named after the column
+    out = run("fit", str(d / "wide.csv"), "-k", "2", "--quiet", "--columns", "waiting",
+              "--plot", tmp_path / "g.png")
+    assert out.returncode == 0, out.stderr
+    density, _ = _texts_fit_for_a_report(figures[1])
+    assert (density.get_xlabel(), density.get_ylabel()) == ("waiting", "density")
 
 
 def test_fit_reads_every_format_to_the_same_fit(data_files):
