@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxem import _validation, elbo, em, gmm, io
+from jaxem import _validation, em, gmm, io
 from jaxem._cache import enable_persistent_cache
-from jaxem._linalg import precisions_from_cholesky
 from jaxem._padding import pad_rows, padded_size
 
 try:  # scikit-learn is an optional peer.
@@ -89,7 +88,13 @@ ILL_DEFINED_COVARIANCE = (
 )
 
 
-_log_joint = jax.jit(gmm.log_joint)
+@jax.jit
+def _densities(params, x):
+    """``(log_joint, log p(x), log responsibilities)`` of every row, in one program (each
+    computed eagerly would compile small programs for every new shape)."""
+    lj = gmm.log_joint(params, x)
+    log_px = jax.nn.logsumexp(lj, axis=1)
+    return lj, log_px, lj - log_px[:, None]
 
 
 def _feature_names(X) -> np.ndarray | None:
@@ -270,7 +275,7 @@ class GaussianMixture(*_BASES):
                 f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
                 f"{self.n_features_in_} features as input."
             )
-        with np.errstate(over="ignore"):  # beyond float32: evaluated in float64 (_log_joint)
+        with np.errstate(over="ignore"):  # beyond float32: evaluated in float64 (_densities)
             return np.asarray(X, self.params_.means.dtype)
 
     def _check_is_fitted(self):
@@ -427,10 +432,10 @@ class GaussianMixture(*_BASES):
         self.means_ = np.asarray(params.means)
         self.covariances_ = np.asarray(params.covariances)
         self.precisions_cholesky_ = np.asarray(params.precisions_cholesky)
-        with _precision_of(params):
-            self.precisions_ = np.asarray(
-                precisions_from_cholesky(params.precisions_cholesky, params.covariance_type)
-            )
+        # On the host: an eager JAX product would compile a small program for every K.
+        pc = self.precisions_cholesky_
+        self.precisions_ = (pc**2 if params.covariance_type in ("diag", "spherical")
+                            else pc @ np.swapaxes(pc, -1, -2))
         self.n_features_in_ = self.means_.shape[1]
 
     # ----------------------------------------------------------------- persistence
@@ -481,27 +486,32 @@ class GaussianMixture(*_BASES):
         return self.fit(X, y, sample_weight=sample_weight).predict(X)
 
     # ----------------------------------------------------------------- inference
-    def _log_joint(self, X) -> np.ndarray:
-        """(N, K) log-joint in the model's precision; rows that overflow it (points so far
-        from every component that the squared distance exceeds float32) are evaluated again
-        in float64, so that they get the nearest component's responsibility, not NaN."""
+    def _densities(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(log_joint (N, K), log p(x) (N,), log responsibilities (N, K))`` in the
+        model's precision; rows that overflow it (points so far from every component that
+        the squared distance exceeds float32) are evaluated again in float64, so that they
+        get the nearest component's responsibility, not NaN."""
         raw = X
         X = self._check_X(X)  # raises NotFittedError before params_ is touched
         n, k = X.shape[0], self.params_.n_components
         n_rows = padded_size(n)
         # Rows padded, and a small model's components padded with dead slots as in fit: a
-        # new N or K is not a new program.
+        # new N or K is not a new program. Dead slots have log-joint −inf: they add nothing
+        # to log p(x).
         params = gmm.pad_components(self.params_, _slots(k, n_rows, X.shape[1]))
         with _precision_of(self.params_):
-            lj = np.asarray(_log_joint(params, pad_rows(X, None, n_rows)[0]))[:n, :k]
+            lj, log_px, log_r = (np.asarray(a) for a in
+                                 _densities(params, pad_rows(X, None, n_rows)[0]))
+        lj, log_px, log_r = lj[:n, :k], log_px[:n], log_r[:n, :k]
         bad = ~np.all(np.isfinite(lj), axis=1)
         if bad.any():
             with _precision_of(np.float64):
                 params64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
                                                   self.params_)
-                lj = lj.astype(np.float64)
+                lj, log_px, log_r = (a.astype(np.float64) for a in (lj, log_px, log_r))
                 x64 = np.asarray(_validation.check_data(raw, "X"), np.float64)  # rare path
-                lj[bad] = np.asarray(_log_joint(params64, x64[bad]))
+                lj[bad], log_px[bad], log_r[bad] = (np.asarray(a) for a in
+                                                    _densities(params64, x64[bad]))
             still = ~np.all(np.isfinite(lj), axis=1)
             if still.any():
                 raise ValueError(
@@ -509,13 +519,11 @@ class GaussianMixture(*_BASES):
                     f"{int(np.flatnonzero(still)[0])}) too far from every component for "
                     "their log-density to be represented even in float64"
                 )
-        return lj
+        return lj, log_px, log_r
 
     def score_samples(self, X):
         """(N,) log densities ``log p(x_n)``."""
-        lj = self._log_joint(X)
-        with _precision_of(lj.dtype):
-            return np.asarray(jax.nn.logsumexp(lj, axis=1))
+        return self._densities(X)[1]
 
     def score(self, X, y=None, sample_weight=None):
         """Mean (optionally weighted) log-likelihood per sample."""
@@ -527,13 +535,11 @@ class GaussianMixture(*_BASES):
 
     def predict(self, X):
         """(N,) index of the most probable component for each sample."""
-        return np.argmax(self._log_joint(X), axis=1)
+        return np.argmax(self._densities(X)[0], axis=1)
 
     def predict_proba(self, X):
         """(N, K) responsibilities ``p(z_n = k | x_n)``."""
-        lj = self._log_joint(X)
-        with _precision_of(lj.dtype):
-            return np.asarray(jnp.exp(elbo.posterior(lj)))
+        return np.exp(self._densities(X)[2])
 
     def sample(self, n_samples=1):
         """Draw ``n_samples`` samples; returns ``(X, y)`` sorted by component, as scikit-learn."""
