@@ -194,7 +194,15 @@ def trim_history(result, max_iter: int):
     if isinstance(result, RestartsResult):
         return RestartsResult(trim_history(result.best, max_iter), result.best_index,
                               trim_history(result.restarts, max_iter))
-    return result._replace(lower_bounds=result.lower_bounds[..., :max_iter])
+    history = result.lower_bounds
+    if not _validation.is_traced(history):
+        # Cut on the host and put back: slicing the device array eagerly would compile a
+        # program for every history shape. (Unless JAX could not hold the host's dtype:
+        # float64 outside x64 mode.)
+        host = np.asarray(history)[..., :max_iter]
+        if jax.dtypes.canonicalize_dtype(host.dtype) == host.dtype:
+            return result._replace(lower_bounds=jax.device_put(host))
+    return result._replace(lower_bounds=history[..., :max_iter])
 
 
 _DATA = "data"  # the mesh axis the samples are sharded over
