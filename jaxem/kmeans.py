@@ -80,13 +80,13 @@ def _plusplus(key, xc, x_sq, w, n_clusters: int, n_live=None):
 
     The centres of the live slots equal those of an ``n_live``-cluster run with the same
     key: the i-th centre's candidates come from the i-th key of the same split chain, one
-    ``fold_in`` per candidate, and only the first :func:`_default_trials` (``n_live``) of
+    ``fold_in`` per candidate, and only the first :func:`seeding_trials` (``n_live``) of
     the candidates compete.
     """
     n, d = xc.shape
     n_live = n_clusters if n_live is None else n_live
-    max_trials = _default_trials(n_clusters)
-    n_trials = jnp.asarray([_default_trials(k) for k in range(1, n_clusters + 1)])[n_live - 1]
+    max_trials = seeding_trials(n_clusters)
+    n_trials = jnp.asarray([seeding_trials(k) for k in range(1, n_clusters + 1)])[n_live - 1]
     order = _sampling_order(xc)
     key, first = jax.random.split(key)
     idx0 = _draw(jax.random.uniform(first, (), xc.dtype), w, order)
@@ -131,8 +131,10 @@ def nearest_center(x: jax.Array, centers: jax.Array, n_live=None) -> jax.Array:
     return _nearest(xc, jnp.sum(xc**2, axis=1), centers - offset, live)[0]
 
 
-def _default_trials(n_clusters: int) -> int:
-    # Greedy k-means++ (Arthur & Vassilvitskii 2007) with scikit-learn's 2 + log(K) trials.
+def seeding_trials(n_clusters: int) -> int:
+    """Candidates per centre of greedy k-means++ (Arthur & Vassilvitskii 2007) for K
+    clusters: scikit-learn's 2 + ⌊log K⌋. Runs for K values with the same count draw the
+    same centres (one the prefix of the other, same key)."""
     return 2 + int(np.log(n_clusters))
 
 

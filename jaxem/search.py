@@ -30,6 +30,7 @@ from jaxem import _validation, em
 from jaxem._linalg import COVARIANCE_TYPES
 from jaxem._padding import pad_rows
 from jaxem.gmm import HARD_INIT_METHODS, GaussianMixtureModel, initial_labels
+from jaxem.kmeans import kmeans_plusplus, nearest_center, seeding_trials
 
 CRITERIA = ("bic", "aic", "icl")
 
@@ -114,16 +115,40 @@ def _method_keys(key, m: int, n_init: int):
     return jax.random.split(key if m == 0 else jax.random.fold_in(key, m), n_init)
 
 
-def _seeding_program(x, weights, key, n_live, k_max, n_init, methods):
+def _trial_groups(ks: tuple, k_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-means++ with the same number of candidates per centre draws, for every K, a prefix
+    of the same centre sequence (:func:`jaxem.kmeans.seeding_trials`): one run per group of
+    equal trial counts serves all its ks. Returns ``(group_live, group_of)``: (G,) the
+    largest K of each group (1 for a group no K falls in) and (len(ks),) each K's group;
+    G, the number of distinct counts for K = 1…k_max, depends on ``k_max`` only."""
+    counts = sorted({seeding_trials(k) for k in range(1, k_max + 1)})
+    group_live = np.ones(len(counts), np.int32)
+    group_of = np.array([counts.index(seeding_trials(k)) for k in ks], np.int32)
+    for k, g in zip(ks, group_of, strict=True):
+        group_live[g] = max(group_live[g], k)
+    return group_live, group_of
+
+
+def _seeding_program(x, weights, key, n_live, group_live, group_of, k_max, n_init, methods):
     """Initial assignments of every (K, restart) for each hard method: (n_ks·n_init, N)
     int32 each. They do not depend on the covariance type, so the types' programs take them
-    as data and none of them compiles the seeding."""
+    as data and none of them compiles the seeding. k-means++ runs once per trial-count group
+    and restart (:func:`_trial_groups`), not once per K: 12 runs instead of 64 for
+    K = 1…16 × 4 restarts."""
     n_ks = n_live.shape[0]
+    members_live = jnp.repeat(n_live, n_init)
     out = []
     for m, method in enumerate(methods):
-        keys = jnp.tile(_method_keys(key, m, n_init), (n_ks, 1))
+        keys = _method_keys(key, m, n_init)
+        if method == "k-means++":
+            centers = jax.vmap(lambda live, keys=keys: jax.vmap(
+                lambda k: kmeans_plusplus(k, x, k_max, weights, live))(keys))(group_live)
+            mine = centers[jnp.repeat(group_of, n_init), jnp.tile(jnp.arange(n_init), n_ks)]
+            out.append(jax.vmap(lambda c, live: nearest_center(x, c, live).astype(jnp.int32))(
+                mine, members_live))
+            continue
         out.append(jax.vmap(lambda k, live, method=method: initial_labels(
-            k, x, weights, k_max, method, live))(keys, jnp.repeat(n_live, n_init)))
+            k, x, weights, k_max, method, live))(jnp.tile(keys, (n_ks, 1)), members_live))
     return tuple(out)
 
 
@@ -262,8 +287,9 @@ def select(
         seeding = (_seeding_jit_quick if em.quick_compile(xp.shape[0], x.shape[1] * k_max,
                                                           len(ks) * n_init * len(methods))
                    else _seeding_jit)
-        labels = seeding(jnp.asarray(xp), jnp.asarray(wp), key, n_live, k_max, n_init,
-                         methods)
+        group_live, group_of = _trial_groups(ks, k_max)
+        labels = seeding(jnp.asarray(xp), jnp.asarray(wp), key, n_live, group_live, group_of,
+                         k_max, n_init, methods)
     else:
         labels = None
     members = len(ks) * n_init * len(methods)

@@ -290,3 +290,25 @@ def test_gaussian_mixture_ic_verbose_reports_each_type(rng, capsys):
     j = ic.search_.covariance_types.index("full")
     assert f"lowest BIC {ic.search_.bic[:, j].min():.1f}" in lines[0]
     assert any(ln.startswith(f"chosen: K={ic.n_components_}") for ln in lines)
+
+
+def test_kmeans_plusplus_runs_once_per_trial_count_and_equals_the_per_k_seeding(rng):
+    """ks with equal candidate counts share one k-means++ run (a prefix of its centres):
+    every (K, restart)'s labels equal the K-cluster seeding with the same key."""
+    from jaxem.kmeans import seeding_trials
+
+    ks = (1, 2, 3, 6, 8, 11)
+    group_live, group_of = search._trial_groups(ks, 11)
+    for k, g in zip(ks, group_of, strict=True):
+        assert seeding_trials(int(group_live[g])) == seeding_trials(k) and group_live[g] >= k
+    assert len(group_live) == len({seeding_trials(k) for k in range(1, 12)}) == 3
+    x = jnp.asarray(make_blobs(rng, n_per=100, k=4, d=3), jnp.float32)
+    w = jnp.asarray(rng.uniform(0.5, 2.0, size=x.shape[0]), jnp.float32)
+    key = jax.random.PRNGKey(7)
+    shared = search._seeding_jit(x, w, key, jnp.asarray(ks, jnp.int32), group_live, group_of,
+                                 11, 3, ("k-means++",))[0]
+    keys = search._method_keys(key, 0, 3)
+    for i, k in enumerate(ks):
+        for r in range(3):
+            alone = gmm.initial_labels(keys[r], x, w, k, "k-means++")
+            np.testing.assert_array_equal(shared[i * 3 + r], alone)
