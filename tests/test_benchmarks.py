@@ -82,3 +82,12 @@ def test_bench_compile_smoke():
     )
     assert out.returncode == 0, out.stderr
     assert "N=      300: XLA compile" in out.stdout
+
+
+def test_stress_compile_smoke():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stress_compile.py"), "--seconds", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("done: ") and "peak mappings" in out.stdout
