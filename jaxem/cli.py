@@ -363,13 +363,13 @@ def _demo(args) -> int:
         print(f"  iter {it:>3}: {ll:.6f}{change}")
         prev = ll
     if args.plot:
-        from jaxem.plot import _pyplot, plot_criteria, plot_mixture, save_figure
+        from jaxem.plot import _pyplot, fit_title, plot_criteria, plot_mixture, save_figure
 
         plt = _pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
         plot_mixture(x, params, ax=axes[0], labels=_labels(params, x),
                      feature_names=[f"{n} (min)" for n in names],
-                     title=f"Old Faithful: K={k}, {cov_type} covariance, N={x.shape[0]}")
+                     title=f"Old Faithful: {fit_title(params, x.shape[0])}")
         plot_criteria(result, criteria=("bic",), axes=[axes[1]])
         save_figure(fig, args.plot)
         print(f"\nPlot written to {args.plot}")
@@ -502,15 +502,14 @@ def _fit(args) -> int:
 
 
 def _plot_fit(gm, x, path, source=None):
-    from jaxem.plot import _pyplot, plot_log_likelihood, plot_mixture, save_figure
+    from jaxem.plot import _pyplot, fit_title, plot_log_likelihood, plot_mixture, save_figure
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained",
                              width_ratios=[1.25, 1.0])
-    k, cov_type, n = gm.n_components, gm.covariance_type, np.shape(x)[0]
     where = f"{Path(source).name}: " if source else ""
     plot_mixture(x, gm.params_, ax=axes[0], labels=gm.predict(x),
-                 title=f"{where}K={k}, {cov_type} covariance, N={n}")
+                 title=where + fit_title(gm.params_, np.shape(x)[0]))
     plot_log_likelihood(gm.lower_bounds_, ax=axes[1])
     save_figure(fig, path)
 

@@ -109,8 +109,6 @@ def _feature_names(X) -> np.ndarray | None:
 
 
 PrecisionWarning = _validation.PrecisionWarning
-_FLOAT32_SQRT_MAX = _validation.FLOAT32_SQRT_MAX
-_X64_HINT = _validation.X64_HINT
 
 
 def _precision_of(params_or_dtype):
@@ -318,9 +316,10 @@ class GaussianMixture(*_BASES):
         self._check_parameters()
         enable_persistent_cache()  # programs kept across processes; see jaxem/_cache.py
         X = self._check_X(X, min_samples=self.n_components, reset=True)
-        if X.dtype == np.float32 and self.reg_covar > _FLOAT32_SQRT_MAX / 1e3:
+        if X.dtype == np.float32 and self.reg_covar > _validation.FLOAT32_SQRT_MAX / 1e3:
             raise ValueError(f"reg_covar={self.reg_covar:g} overflows float32 arithmetic (its "
-                             f"square is beyond 3.4e38): rescale the data, or {_X64_HINT}")
+                             "square is beyond 3.4e38): rescale the data, or "
+                             f"{_validation.X64_HINT}")
         _validation.check_sample_weight(sample_weight, X.shape[0])
         init_kwargs = self._check_inits(X.shape[1])
         model = gmm.GaussianMixtureModel(self.covariance_type, self.chunk_size)
@@ -448,13 +447,7 @@ class GaussianMixture(*_BASES):
     def _saved_settings(self) -> dict:
         """The constructor parameters a model file keeps: those that are None, booleans,
         finite numbers or strings (not arrays nor ``RandomState`` objects)."""
-        settings = {}
-        for name, value in self.get_params(deep=False).items():
-            if isinstance(value, np.generic):
-                value = value.item()
-            if io.storable_setting(value):
-                settings[name] = value
-        return settings
+        return io.storable_settings(self.get_params(deep=False))
 
     @classmethod
     def load(cls, path) -> GaussianMixture:

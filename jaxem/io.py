@@ -154,18 +154,27 @@ def storable_setting(value) -> bool:
     return value is None or isinstance(value, bool | int | str)
 
 
+def _plain(value):
+    """A NumPy scalar as the Python scalar it holds; anything else as it is."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def storable_settings(settings: dict) -> dict:
+    """The part of ``settings`` (e.g. an estimator's ``get_params()``) a model file can
+    hold (:func:`storable_setting`; NumPy scalars as Python ones): arrays and other objects
+    are left out."""
+    plain = {name: _plain(value) for name, value in settings.items()}
+    return {name: value for name, value in plain.items() if storable_setting(value)}
+
+
 def _settings_json(settings: dict) -> str:
     if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
         raise TypeError(f"settings must be a dict with str keys, got {settings!r}")
-    plain = {}
     for name, value in settings.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        if not storable_setting(value):
+        if not storable_setting(_plain(value)):
             raise TypeError(f"settings[{name!r}] = {value!r}: a model file holds None, "
                             "booleans, finite numbers and strings only")
-        plain[name] = value
-    return json.dumps(plain, sort_keys=True)
+    return json.dumps(storable_settings(settings), sort_keys=True)
 
 
 def _parse_settings(text: str, where: str) -> dict:

@@ -73,6 +73,11 @@ def _projection(x, params, dims, feature_names=None):
 _ELLIPSE_STYLES = ("-", "--", ":", "-.")
 
 
+def fit_title(params, n_samples: int) -> str:
+    """What was fitted, as the plots' titles say it: ``"K=3, full covariance, N=178"``."""
+    return f"K={np.shape(params.weights)[0]}, {params.covariance_type} covariance, N={n_samples}"
+
+
 def _legend_outside(ax, handles=None, title=None):
     """The axes' legend to the right of its frame (never over the data)."""
     kw = {} if handles is None else {"handles": handles}
@@ -136,8 +141,7 @@ def plot_mixture(x, params, ax=None, dims=None, labels=None, n_std=(1.0, 2.0), *
     ax.set_ylabel(names[1])
     if title is None:
         view = ", principal axes" if "principal" in names[0] else ""
-        title = (f"K={len(weights)}, {params.covariance_type} covariance, "
-                 f"N={np.shape(x)[0]}{view}")
+        title = fit_title(params, np.shape(x)[0]) + view
     if title:
         ax.set_title(title)
     if legend:
@@ -172,7 +176,7 @@ def _plot_one_feature(x, params, ax, feature_names, title, legend):
     ax.set_xlabel(name)
     ax.set_ylabel("density")
     if title is None:
-        title = f"K={len(weights)}, {params.covariance_type} covariance, N={len(x)}"
+        title = fit_title(params, len(x))
     if title:
         ax.set_title(title)
     if legend:

@@ -282,17 +282,17 @@ def select(
               ("bic", "aic", "icl", "log_likelihood", "n_parameters", "n_iter")}
     converged, failed = np.zeros(shape, bool), np.zeros(shape, bool)
     lower_bounds, params = {}, {}
+    members = len(ks) * n_init * len(methods)
+    # The seeding and every type's program are compiled alike: quickly when small.
+    quick = em.quick_compile(xp.shape[0], em.mixture_entries(k_max, x.shape[1]), members)
     # Hard seedings (k-means, k-means++, random_from_data) once for every type.
     if all(m in HARD_INIT_METHODS for m in methods):
-        seeding = (_seeding_jit_quick if em.quick_compile(xp.shape[0], x.shape[1] * k_max,
-                                                          len(ks) * n_init * len(methods))
-                   else _seeding_jit)
+        seeding = _seeding_jit_quick if quick else _seeding_jit
         group_live, group_of = _trial_groups(ks, k_max)
         labels = seeding(jnp.asarray(xp), jnp.asarray(wp), key, n_live, group_live, group_of,
                          k_max, n_init, methods)
     else:
         labels = None
-    members = len(ks) * n_init * len(methods)
     # One type after the other (measured: running the types' programs from a thread pool
     # saves nothing on the CPU, where XLA already compiles each with several threads).
     for j, cov_type in enumerate(types):
@@ -301,7 +301,6 @@ def select(
                                                                       em.RESTARTS_AXIS)
         inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter,
                          hyper={"reg_covar": reg_covar})
-        quick = em.quick_compile(xp.shape[0], em.mixture_entries(k_max, x.shape[1]), members)
         program = _search_jit_quick if quick else _search_jit
         best, _, log_lik, log_r_hard, n_params = program(
             model, inp.x, inp.weights, key, n_live, inp.tol, jnp.int32(max_iter), inp.hyper,

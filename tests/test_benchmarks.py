@@ -7,43 +7,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_fit_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_fit.py"), "--smoke", "--n-init", "2"],
-        capture_output=True, text=True, timeout=600,
-    )
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> args`` in a fresh process; it must exit cleanly."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_bench_fit_smoke():
+    out = _run("bench_fit.py", "--smoke", "--n-init", "2")
     for name in ("jaxem float32", "jaxem float64", "jaxem float32 n_init=2", "scikit-learn"):
         assert name in out.stdout
     assert "float32 matmul roof" in out.stdout and "peak RSS" in out.stdout
 
 
 def test_bench_memory_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--smoke"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run("bench_memory.py", "--smoke")
     assert "peak RSS" in out.stdout and "failed=False" in out.stdout
 
 
 def test_bench_grad_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_grad.py"), "--smoke"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run("bench_grad.py", "--smoke")
     for name in ("forward fit", "implicit", "unrolled, checkpoint=True", "envelope"):
         assert name in out.stdout
 
 
 def test_bench_grid_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_grid.py"), "--smoke",
-         "--peers", "sklearn64"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run("bench_grid.py", "--smoke", "--peers", "sklearn64")
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0].startswith("| covariance, D, K | jaxem f32 s/iter | sklearn f64 |")
     # full and diag × D=3 × K∈{2,3}, one cell each per column of the header
@@ -53,11 +44,7 @@ def test_bench_grid_smoke():
 
 
 def test_bench_sgd_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_sgd.py"), "--smoke"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run("bench_sgd.py", "--smoke")
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| method | iterations to target |")
     assert [r.split("|")[1].strip() for r in rows[2:]] == ["EM", "adam lr=0.03"]
@@ -65,29 +52,15 @@ def test_bench_sgd_smoke():
 
 
 def test_bench_small_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_small.py"), "--rows", "batch",
-         "--n-datasets", "4", "--n-sklearn", "2"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run("bench_small.py", "--rows", "batch", "--n-datasets", "4", "--n-sklearn", "2")
     assert out.stdout.count("ratio") == 2 and "4 datasets x 200 pts" in out.stdout
 
 
 def test_bench_compile_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_compile.py"), "--ns", "300",
-         "--d", "2", "--k", "2"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run("bench_compile.py", "--ns", "300", "--d", "2", "--k", "2")
     assert "N=      300: XLA compile" in out.stdout
 
 
 def test_stress_compile_smoke():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stress_compile.py"), "--seconds", "2"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert out.returncode == 0, out.stderr
+    out = _run("stress_compile.py", "--seconds", "2")
     assert out.stdout.splitlines()[-1].startswith("done: ") and "peak mappings" in out.stdout

@@ -113,6 +113,7 @@ def test_one_feature_is_a_histogram_with_the_mixture_density(tmp_path):
     ax = plot.plot_mixture(x, gm.params_, feature_names=["log income"])
     assert ax.get_xlabel() == "log income" and ax.get_ylabel() == "density"
     assert ax.get_title() == "K=2, full covariance, N=500"
+    assert plot.fit_title(gm.params_, 500) == ax.get_title()
     mixture, *components = ax.lines
     grid, total = mixture.get_xydata().T
     # the drawn density is the model's: it integrates to ~1 and matches score_samples
