@@ -14,14 +14,20 @@ import numpy as np
 MIN_ROWS = 256
 # Above it, sizes m·2^e with STEPS <= m < 2·STEPS: at most 1/STEPS of the rows are padding.
 STEPS = 16
+# Beyond this many rows N is its own size: a compile is small next to the fit's run, and a
+# padded copy of the data would not be small next to memory.
+MAX_PADDED_ROWS = 2**20
 
 
 def padded_size(n: int) -> int:
     """The bucket of ``n`` rows: :data:`MIN_ROWS`, or the least m·2^e ≥ n with
-    STEPS ≤ m < 2·STEPS (a ladder of 16 sizes per doubling, ≤ 6.25% padding)."""
+    STEPS ≤ m < 2·STEPS (a ladder of 16 sizes per doubling, ≤ 6.25% padding); ``n`` itself
+    beyond :data:`MAX_PADDED_ROWS`."""
     n = int(n)
     if n <= MIN_ROWS:
         return MIN_ROWS
+    if n > MAX_PADDED_ROWS:
+        return n
     e = (n - 1).bit_length() - STEPS.bit_length()
     return -(-n // (1 << e)) << e
 

@@ -23,190 +23,35 @@ parameters are returned.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import inspect
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxem import _cache, _validation
-
-
-class FitResult(NamedTuple):
-    """Result of :func:`fit` (under :func:`fit_restarts`, every field gains a leading axis)."""
-
-    params: Any  # the model's params pytree
-    lower_bound: jax.Array  # () mean log-likelihood at the last E-step (-inf if none ran)
-    lower_bounds: jax.Array  # (max_iter,) per-iteration mean log-likelihood; NaN past n_iter
-    n_iter: jax.Array  # () int32 number of E-steps that gave a finite log-likelihood
-    converged: jax.Array  # () bool: the change fell below tol
-    failed: jax.Array  # () bool: a non-finite value stopped the fit; params are the last finite
-
-
-class RestartsResult(NamedTuple):
-    """Result of :func:`fit_restarts`."""
-
-    best: FitResult  # the restart with the highest lower bound
-    best_index: jax.Array  # () int32 index of that restart
-    restarts: FitResult  # every restart, fields with leading axis (n_init,)
-
-
-def all_finite(tree) -> jax.Array:
-    """Whether every leaf of a pytree is finite (traced: a () bool array)."""
-    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)]
-    return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
-
-
-def _ll_dtype(params) -> jnp.dtype:
-    leaves = jax.tree_util.tree_leaves(params)
-    floats = [a.dtype for a in leaves if jnp.issubdtype(a.dtype, jnp.floating)]
-    return jnp.result_type(*floats) if floats else jnp.result_type(float)
-
-
-def relative_change(new, old) -> jax.Array:
-    """max over leaves of max|new − old| / max|old|: how far one EM step moved the params.
-
-    At ``new = T(old)`` this is the relative fixed-point residual of ``old``.
-    """
-    errs = [jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), jnp.finfo(b.dtype).tiny)
-            for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old),
-                            strict=True)]
-    return functools.reduce(jnp.maximum, errs)
-
-
-def em_step(model, x, weights, hyper, tol, s: FitResult, axis_name=None,
-            param_tol=None) -> FitResult:
-    """One EM iteration on the loop state: E-step at ``s.params``, record ℓ, M-step.
-
-    A non-finite ℓ or non-finite new parameters set ``failed`` and keep the old parameters.
-    ``converged`` is ``|ℓ − ℓ_prev| < tol`` and, when ``param_tol`` is given, also
-    :func:`relative_change` of the parameters ``<= param_tol``. Shared by the
-    ``while_loop`` of :func:`fit`, the implicit fit and the ``scan`` of the unrolled fit.
-    """
-    sharded = {} if axis_name is None else {"axis_name": axis_name}
-    dtype = s.lower_bound.dtype
-    stats, ll = model.e_step(s.params, x, weights, **sharded)
-    new_params = model.m_step(stats, **hyper)
-    # The model contract, checked when traced (no run-time cost): one log-likelihood, and
-    # new params of the very structure and shapes the E-step read.
-    chex.assert_shape(ll, ())
-    chex.assert_trees_all_equal_shapes(new_params, s.params)
-    ll = ll.astype(dtype)
-    ll_ok = jnp.isfinite(ll)
-    ok = ll_ok & all_finite(new_params)
-    params = jax.tree_util.tree_map(
-        lambda new, old: jnp.where(ok, new, old).astype(old.dtype), new_params, s.params
-    )
-    converged = ok & (jnp.abs(ll - s.lower_bound) < tol)
-    if param_tol is not None:
-        converged = converged & (relative_change(new_params, s.params) <= param_tol)
-    return FitResult(
-        params=params,
-        lower_bound=jnp.where(ll_ok, ll, s.lower_bound),
-        lower_bounds=jnp.where(ll_ok, s.lower_bounds.at[s.n_iter].set(ll), s.lower_bounds),
-        n_iter=s.n_iter + ll_ok.astype(jnp.int32),
-        converged=converged,
-        failed=~ok,
-    )
-
-
-def initial_state(params, n_history: int, lower_bound=-jnp.inf) -> FitResult:
-    """The loop state before the first iteration; ``lower_bound`` is the ℓ the first
-    iteration's change is measured from (-inf: a fresh fit; a warm start passes its last)."""
-    dtype = _ll_dtype(params)
-    return FitResult(
-        params=params,
-        lower_bound=jnp.asarray(lower_bound, dtype),
-        lower_bounds=jnp.full((max(n_history, 1),), jnp.nan, dtype),
-        n_iter=jnp.asarray(0, jnp.int32),
-        converged=jnp.asarray(False),
-        failed=~all_finite(params),
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Progress:
-    """Host-side hook called once per EM iteration from inside the compiled loop.
-
-    Hashable (it is a static argument): equal hooks share one compilation.
-    """
-
-    fn: Callable[[int, int, float, float], None]  # (restart, iteration, loglik, change)
-
-    def __call__(self, active, restart, iteration, ll, change):
-        # Under vmap the loop body also runs for restarts that have stopped; skip those.
-        for a, r, i, v, c in zip(*np.broadcast_arrays(active, restart, iteration, ll, change),
-                                 strict=True):
-            if a:
-                self.fn(int(r), int(i), float(v), float(c))
-
-
-def history_size(max_iter: int) -> int:
-    """Length of the per-iteration history buffer for ``max_iter``: the next power of two
-    (at least 128), so that ``max_iter`` is traced, not a compile key, and nearby values
-    share one program. The drivers hand back its first ``max_iter`` entries."""
-    return max(128, 1 << max(int(max_iter) - 1, 0).bit_length())
-
-
-def run(model, x, weights, params, tol, max_iter, hyper, axis_name=None,
-        progress: _Progress | None = None, restart=0, lower_bound=-jnp.inf,
-        param_tol=None, n_history: int | None = None) -> FitResult:
-    """The EM loop itself; traced inside jit (and vmap for restarts, shard_map for devices).
-
-    ``lower_bound`` and ``param_tol``: see :func:`initial_state` and :func:`em_step`.
-    ``n_history`` (static): the history buffer's length, ``>= max_iter``, which may then be
-    traced; the whole buffer is returned. ``None``: ``max_iter`` (a Python int), and the
-    history is exactly ``max_iter`` long.
-    """
-    tol = jnp.asarray(tol, _ll_dtype(params))
-
-    def cond(s: FitResult):
-        return (s.n_iter < max_iter) & ~s.converged & ~s.failed
-
-    def body(s: FitResult) -> FitResult:
-        new = em_step(model, x, weights, hyper, tol, s, axis_name, param_tol)
-        if progress is not None:
-            active = cond(s) & (new.n_iter > s.n_iter)
-            if axis_name is not None:  # one report, not one per device
-                active = active & (jax.lax.axis_index(axis_name) == 0)
-            jax.debug.callback(progress, active[None], jnp.asarray(restart)[None],
-                               new.n_iter[None], new.lower_bound[None],
-                               (new.lower_bound - s.lower_bound)[None])
-        return new
-
-    sized = n_history is not None
-    n_history = n_history if sized else max_iter
-    out = jax.lax.while_loop(cond, body, initial_state(params, n_history, lower_bound))
-    return out if sized else out._replace(lower_bounds=out.lower_bounds[:max_iter])
-
-
-def trim_history(result, max_iter: int):
-    """``result`` (a :class:`FitResult`, or a :class:`RestartsResult`) with its history
-    buffers cut to ``max_iter`` entries (see :func:`history_size`)."""
-    if isinstance(result, RestartsResult):
-        return RestartsResult(trim_history(result.best, max_iter), result.best_index,
-                              trim_history(result.restarts, max_iter))
-    history = result.lower_bounds
-    if not _validation.is_traced(history):
-        # Cut on the host and put back: slicing the device array eagerly would compile a
-        # program for every history shape. (Unless JAX could not hold the host's dtype:
-        # float64 outside x64 mode.)
-        host = np.asarray(history)[..., :max_iter]
-        if jax.dtypes.canonicalize_dtype(host.dtype) == host.dtype:
-            return result._replace(lower_bounds=jax.device_put(host))
-    return result._replace(lower_bounds=history[..., :max_iter])
-
+from jaxem import _cache, _validation, blocks, streamed
+from jaxem._loop import (  # noqa: F401  (re-exported: em.FitResult etc. are the drivers' names)
+    RESTARTS_AXIS,
+    FitResult,
+    Progress,
+    RestartsResult,
+    all_finite,
+    em_step,
+    em_update,
+    history_size,
+    initial_state,
+    ll_dtype,
+    relative_change,
+    run,
+    trim_history,
+)
 
 _DATA = "data"  # the mesh axis the samples are sharded over
-RESTARTS_AXIS = "restarts"  # the vmap axis of fit_restarts
 
 
 def _over_devices(fn, mesh: Mesh | None):
@@ -284,14 +129,31 @@ def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, pro
 _fit_jit = jax.jit(_fit_program, static_argnames=("model", "n_history", "mesh", "progress"))
 
 
+def _init_sample(key, x, weights, n_rows: int | None):
+    """``(x, weights)`` an initialisation runs on: the data, or beyond ``n_rows`` rows a
+    random sample of ``n_rows`` of them drawn with replacement in proportion to the weights
+    (unit weights). See :func:`jaxem.streamed.initial_params` for why a subsample."""
+    n = x.shape[0]
+    if n_rows is None or n <= n_rows:
+        return x, weights
+    key = jax.random.fold_in(key, n_rows)  # not any restart's key
+    if weights is None:
+        idx = jax.random.randint(key, (n_rows,), 0, n)
+    else:
+        idx = jax.random.choice(key, n, (n_rows,), p=weights / jnp.sum(weights))
+    return x[idx], None
+
+
 def _restarts_program(model, x, weights, key, tol, max_iter, n_init, n_components,
                       init_method, init_kwargs, hyper, mesh=None, progress=None,
-                      n_history=128):
+                      n_history=128, init_rows=None):
     keys = jax.random.split(key, n_init)
-    # Initialisation sees the whole (possibly sharded) data; XLA partitions it.
+    # Initialisation sees the whole (possibly sharded) data, or its subsample; XLA
+    # partitions it.
+    xi, wi = _init_sample(key, x, weights, init_rows)
     params0 = jax.vmap(
         lambda k: model.init(
-            k, x, n_components, weights=weights, method=init_method, **init_kwargs, **hyper
+            k, xi, n_components, weights=wi, method=init_method, **init_kwargs, **hyper
         )
     )(keys)
     axis = None if mesh is None else _DATA
@@ -314,7 +176,8 @@ def _restarts_program(model, x, weights, key, tol, max_iter, n_init, n_component
 
 _restarts_jit, _restarts_jit_quick = jit_pair(
     _restarts_program,
-    ("model", "n_history", "n_init", "n_components", "init_method", "mesh", "progress"))
+    ("model", "n_history", "n_init", "n_components", "init_method", "mesh", "progress",
+     "init_rows"))
 
 
 def _mesh_for(model, x, devices) -> Mesh | None:
@@ -419,7 +282,7 @@ def prepare(model, x, params, *, weights=None, tol=1e-3, max_iter=0, hyper=None,
             raise ValueError("params contain NaN or infinite values")
         if hasattr(model, "check_params"):
             model.check_params(params, x)
-    dtype = floating_dtype(x) if params is None else _ll_dtype(params)
+    dtype = floating_dtype(x) if params is None else ll_dtype(params)
     mesh = None if devices is False else _mesh_for(model, x, devices)
     if mesh is not None:
         x, weights = _shard_data(np.asarray(x, dtype), weights, mesh)
@@ -446,6 +309,13 @@ def _as_float(x, dtype=None):
     return jax.device_put(np.asarray(x, dtype))
 
 
+def _no_devices_for_streams(devices):
+    if devices is not None:
+        raise ValueError("devices cannot be given with host data (a path, memmap or block "
+                         "source): a streamed fit runs on the default device; several "
+                         "processes join through jax.distributed (see jaxem.streamed)")
+
+
 def fit(
     model,
     x: jax.typing.ArrayLike,
@@ -463,7 +333,9 @@ def fit(
 
     Args:
       model: the model (hashable, static), e.g. ``jaxem.gmm.GaussianMixtureModel("full")``.
-      x: (N, D) data.
+      x: (N, D) data; or data that stays on the host — a ``.npy`` path, a ``np.memmap``,
+        a block source (:mod:`jaxem.blocks`) — streamed block by block every iteration
+        (:func:`jaxem.streamed.fit`; ``progress`` is then called on the host).
       params: initial parameters (the model's pytree).
       weights: optional (N,) non-negative per-sample weights.
       tol: stop when the mean log-likelihood changes by less than this (traced: changing it
@@ -485,6 +357,10 @@ def fit(
     Returns:
       :class:`FitResult`.
     """
+    if blocks.is_host_data(x):
+        _no_devices_for_streams(devices)
+        return streamed.fit(model, x, params, weights=weights, tol=tol, max_iter=max_iter,
+                            progress=progress, lower_bound=lower_bound, **hyper)
     _validation.check_real(lower_bound, "lower_bound", allow_negative_infinity=True)
     inp = prepare(model, x, params, weights=weights, tol=tol, max_iter=max_iter, hyper=hyper,
                   devices=devices)
@@ -492,7 +368,7 @@ def fit(
     # compiler options) then rounds exactly as the same fit called on its own.
     result = _fit_jit(model, inp.x, inp.weights, params, inp.tol, jnp.int32(max_iter),
                       inp.hyper, mesh=inp.mesh,
-                      progress=None if progress is None else _Progress(progress),
+                      progress=None if progress is None else Progress(progress),
                       lower_bound=jnp.asarray(lower_bound, inp.tol.dtype),
                       n_history=history_size(max_iter))
     return trim_history(result, max_iter)
@@ -512,6 +388,7 @@ def fit_restarts(
     init_kwargs: dict | None = None,
     devices=None,
     progress: Callable[[int, int, float, float], None] | None = None,
+    init_rows: int | None = None,
     **hyper,
 ) -> RestartsResult:
     """``n_init`` independent initialisations and fits, vmapped in one compiled program.
@@ -522,7 +399,8 @@ def fit_restarts(
 
     Args:
       model: the model (hashable, static).
-      x: (N, D) data.
+      x: (N, D) data, or host data as in :func:`fit` (:func:`jaxem.streamed.fit_restarts`:
+        initialised from a subsample of ``init_rows`` rows, one pass).
       key: PRNG key.
       n_components: K (static).
       n_init: number of restarts (static).
@@ -533,6 +411,10 @@ def fit_restarts(
       init_kwargs: extra traced arrays for ``model.init`` (e.g. ``means_init``).
       devices: as in :func:`fit`.
       progress: as in :func:`fit`; ``restart`` tells the restarts apart.
+      init_rows: data with more rows are initialised on a random subsample of this many
+        (drawn in proportion to the weights); default :func:`jaxem.blocks.init_rows`
+        (2^18 rows for narrow data). k-means over all of a large N costs many passes,
+        each as dear as an EM iteration; on the subsample it costs next to nothing.
       **hyper: M-step hyperparameters (traced), also passed to ``model.init``.
 
     Returns:
@@ -540,6 +422,12 @@ def fit_restarts(
     """
     _validation.check_int(n_components, "n_components", 1)
     _validation.check_int(n_init, "n_init", 1)
+    if blocks.is_host_data(x):
+        _no_devices_for_streams(devices)
+        return streamed.fit_restarts(
+            model, x, key, n_components=n_components, n_init=n_init, init_method=init_method,
+            weights=weights, tol=tol, max_iter=max_iter, init_kwargs=init_kwargs,
+            init_rows=init_rows, progress=progress, **hyper)
     _validation.check_data(x, "x", min_samples=n_components)
     if hasattr(model, "with_batch"):
         model = model.with_batch(n_init, RESTARTS_AXIS)
@@ -550,11 +438,13 @@ def fit_restarts(
     n, d = np.shape(inp.x)
     quick = quick_compile(n, mixture_entries(n_components, d), n_init)
     program = _restarts_jit_quick if quick else _restarts_jit
+    init_rows = (blocks.init_rows(d, dtype) if init_rows is None
+                 else _validation.check_int(init_rows, "init_rows", n_components))
     result = program(
         model, inp.x, inp.weights, key, inp.tol, jnp.int32(max_iter), n_init, n_components,
         init_method, init_kwargs, inp.hyper, mesh=inp.mesh,
-        progress=None if progress is None else _Progress(progress),
-        n_history=history_size(max_iter),
+        progress=None if progress is None else Progress(progress),
+        n_history=history_size(max_iter), init_rows=init_rows if n > init_rows else None,
     )
     return trim_history(result, max_iter)
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxem import _validation, em, gmm, io
+from jaxem import _validation, blocks, em, gmm, io, online, streamed
 from jaxem._cache import enable_persistent_cache
 from jaxem._padding import pad_rows, padded_size
 
@@ -172,6 +172,15 @@ class GaussianMixture(*_BASES):
       verbose: print the per-iteration log-likelihood after each fit when > 0.
       verbose_interval: iterations between printed lines.
       chunk_size: optional E-step block size bounding memory to O(chunk_size·K·D).
+      partial_fit_mode: what :meth:`partial_fit` does with a batch: ``"online"``
+        (stochastic online EM: the parameters move after every batch) or ``"exact"``
+        (statistics accumulate at fixed parameters; :meth:`finish_pass` runs the M-step,
+        one exact EM iteration over every batch since the last one).
+      online_kappa: online EM's step-size decay κ ∈ (0.5, 1]: batch t weighs
+        ρ_t = (t + online_t0)^(−κ).
+      online_t0: online EM's step-size offset t₀ ≥ 0.
+      online_average_from: None, or the batch from which online EM reports parameters of
+        the averaged statistics (Polyak–Ruppert).
     """
 
     def __init__(
@@ -192,6 +201,10 @@ class GaussianMixture(*_BASES):
         verbose=0,
         verbose_interval=10,
         chunk_size=None,
+        partial_fit_mode="online",
+        online_kappa=0.6,
+        online_t0=0.0,
+        online_average_from=None,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -208,6 +221,10 @@ class GaussianMixture(*_BASES):
         self.verbose = verbose
         self.verbose_interval = verbose_interval
         self.chunk_size = chunk_size
+        self.partial_fit_mode = partial_fit_mode
+        self.online_kappa = online_kappa
+        self.online_t0 = online_t0
+        self.online_average_from = online_average_from
 
     # ----------------------------------------------------------------- validation
     def _check_parameters(self):
@@ -222,6 +239,10 @@ class GaussianMixture(*_BASES):
         _validation.check_int(self.verbose_interval, "verbose_interval", 1)
         if self.chunk_size is not None:
             _validation.check_int(self.chunk_size, "chunk_size", 1)
+        if self.partial_fit_mode not in ("online", "exact"):
+            raise ValueError(f"partial_fit_mode must be 'online' or 'exact', got "
+                             f"{self.partial_fit_mode!r}")
+        online.check_schedule(self.online_kappa, self.online_t0, self.online_average_from)
 
     def _dtype(self, X) -> np.dtype:
         x64 = jax.config.jax_enable_x64 and np.asarray(X).dtype == np.float64
@@ -304,7 +325,10 @@ class GaussianMixture(*_BASES):
         """Estimate the parameters with EM; ``n_init`` restarts run vmapped.
 
         Args:
-          X: (N, D) data.
+          X: (N, D) data; or data that stays on the host — a ``.npy`` path, a
+            ``np.memmap`` (e.g. ``np.load(path, mmap_mode="r")``), a block source
+            (:mod:`jaxem.blocks`) — then initialised from a random subsample and streamed
+            block by block every iteration, never copied whole (:mod:`jaxem.streamed`).
           y: ignored (scikit-learn API).
           sample_weight: optional (N,) non-negative weights.
           progress: optional ``progress(restart, iteration, log_likelihood, change)`` called
@@ -315,11 +339,12 @@ class GaussianMixture(*_BASES):
         """
         self._check_parameters()
         enable_persistent_cache()  # programs kept across processes; see jaxem/_cache.py
+        for name in ("_batches", "_online", "_accumulated"):  # partial_fit starts again
+            self.__dict__.pop(name, None)
+        if blocks.is_host_data(X):
+            return self._fit_host(X, sample_weight, progress)
         X = self._check_X(X, min_samples=self.n_components, reset=True)
-        if X.dtype == np.float32 and self.reg_covar > _validation.FLOAT32_SQRT_MAX / 1e3:
-            raise ValueError(f"reg_covar={self.reg_covar:g} overflows float32 arithmetic (its "
-                             "square is beyond 3.4e38): rescale the data, or "
-                             f"{_validation.X64_HINT}")
+        self._check_reg_covar(X.dtype)
         _validation.check_sample_weight(sample_weight, X.shape[0])
         init_kwargs = self._check_inits(X.shape[1])
         model = gmm.GaussianMixtureModel(self.covariance_type, self.chunk_size)
@@ -364,6 +389,140 @@ class GaussianMixture(*_BASES):
             _, ll = model.e_step(best.params, X, weights)
             best = best._replace(lower_bound=ll)
         self._set_fitted(best, X.shape[1])
+        return self
+
+    def _check_reg_covar(self, dtype):
+        if dtype == np.float32 and self.reg_covar > _validation.FLOAT32_SQRT_MAX / 1e3:
+            raise ValueError(f"reg_covar={self.reg_covar:g} overflows float32 arithmetic (its "
+                             "square is beyond 3.4e38): rescale the data, or "
+                             f"{_validation.X64_HINT}")
+
+    def _fit_host(self, X, sample_weight, progress):
+        """``fit`` on data that stays on the host (a ``.npy`` path, a ``np.memmap``, a block
+        source): initialised from a subsample, every iteration streamed block by block
+        (:mod:`jaxem.streamed`); no copy of the data is made."""
+        data = blocks.HostData(X, sample_weight)
+        dtype = data.compute_dtype()
+        self._check_reg_covar(dtype)
+        if data.n_rows is not None and data.n_rows < self.n_components:
+            raise ValueError(f"Expected n_samples >= n_components but got n_components = "
+                             f"{self.n_components}, n_samples = {data.n_rows}")
+        d = data.n_features
+        self.__dict__.pop("feature_names_in_", None)
+        init_kwargs = self._check_inits(d)
+        model = gmm.GaussianMixtureModel(self.covariance_type, self.chunk_size)
+        common = dict(tol=self.tol, max_iter=self.max_iter, progress=progress,
+                      reg_covar=self.reg_covar)
+        if self._continues_warm_start(d):
+            lower = self.lower_bound_ if np.isfinite(self.lower_bound_) else -np.inf
+            best = streamed.fit(model, data, self.params_, lower_bound=lower, **common)
+            self.fit_result_ = em.RestartsResult(
+                best, jnp.asarray(0), jax.tree_util.tree_map(lambda a: a[None], best))
+        else:
+            n_init = 1 if len(init_kwargs) == 3 else self.n_init
+            self.fit_result_ = streamed.fit_restarts(
+                model, data, jax.random.PRNGKey(_seed(self.random_state)),
+                n_components=self.n_components, n_init=n_init, init_method=self.init_params,
+                init_kwargs=init_kwargs, **common)
+            best = self.fit_result_.best
+        if self.max_iter == 0 and not bool(best.failed):
+            _, ll = streamed.e_step(model, data, best.params)
+            best = best._replace(lower_bound=ll)
+        self._set_fitted(best, d)
+        return self
+
+    # ----------------------------------------------------------------- batches
+    def partial_fit(self, X, y=None, sample_weight=None):
+        """Learn from one batch (scikit-learn's ``partial_fit`` convention).
+
+        The first call initialises from this batch (``init_params``, ``n_init`` restarts
+        scored on it, or the given ``*_init``); ``n_components`` and ``covariance_type``
+        are then fixed until :meth:`fit`. ``partial_fit_mode="online"``: one step of
+        stochastic online EM (:mod:`jaxem.online`), the parameters move after every batch.
+        ``"exact"``: the batch's statistics at the current parameters are added up;
+        :meth:`finish_pass` turns them into new parameters.
+
+        Args:
+          X: (n, D) batch.
+          y: ignored.
+          sample_weight: optional (n,) non-negative weights.
+
+        Returns:
+          self.
+        """
+        self._check_parameters()
+        enable_persistent_cache()
+        first = not hasattr(self, "_batches")
+        if not first and (self.params_.n_components != self.n_components
+                          or self.params_.covariance_type != self.covariance_type):
+            raise ValueError(
+                f"partial_fit continues a {self.params_.n_components}-component "
+                f"{self.params_.covariance_type!r} model; n_components and "
+                "covariance_type cannot change between calls (call fit to start again)")
+        X = self._check_X(X, min_samples=self.n_components if first else 1, reset=first)
+        _validation.check_sample_weight(sample_weight, X.shape[0])
+        model = gmm.GaussianMixtureModel(self.covariance_type, self.chunk_size)
+        if first:
+            self._check_reg_covar(X.dtype)
+            init_kwargs = self._check_inits(X.shape[1])
+            n_init = 1 if len(init_kwargs) == 3 else self.n_init
+            start = em.fit_restarts(
+                model, X, jax.random.PRNGKey(_seed(self.random_state)),
+                n_components=self.n_components, n_init=n_init, init_method=self.init_params,
+                weights=sample_weight, max_iter=0, init_kwargs=init_kwargs,
+                reg_covar=self.reg_covar)
+            params = jax.tree_util.tree_map(lambda a: a[0], start.restarts.params)
+            if n_init > 1:  # the restart whose initial parameters score best on the batch
+                scores = [float(model.e_step(jax.tree_util.tree_map(
+                    lambda a, i=i: a[i], start.restarts.params), X, sample_weight)[1])
+                    for i in range(n_init)]
+                params = jax.tree_util.tree_map(lambda a: a[int(np.argmax(scores))],
+                                                start.restarts.params)
+            self._online = online.start(model, params)
+            self._accumulated = None
+            self._batches = []
+            self._store_params(params)
+        if self.partial_fit_mode == "online":
+            self._online = online.update(
+                model, self._online, X, sample_weight, kappa=self.online_kappa,
+                t0=self.online_t0, average_from=self.online_average_from,
+                reg_covar=self.reg_covar)
+            ll = float(self._online.log_likelihood)
+            self._store_params(online.current_params(model, self._online,
+                                                     reg_covar=self.reg_covar))
+        else:
+            self._accumulated = online.accumulate(model, self.params_, X, sample_weight,
+                                                  self._accumulated)
+            ll = float(self._accumulated.ll_sum / self._accumulated.weight)
+        self._batches.append(ll)
+        self.n_iter_ = len(self._batches)
+        self.lower_bound_ = ll
+        self.lower_bounds_ = np.asarray(self._batches)
+        self.converged_ = False
+        return self
+
+    def finish_pass(self):
+        """Exact mode: the M-step from the statistics accumulated by :meth:`partial_fit`
+        since the last call (one batch EM iteration over all those batches); the next
+        batches are taken at the new parameters. ``lower_bound_`` becomes the mean
+        log-likelihood of the pass at the old parameters.
+
+        Returns:
+          self.
+        """
+        if getattr(self, "_accumulated", None) is None:
+            raise ValueError("finish_pass needs partial_fit_mode='exact' and at least one "
+                             "partial_fit call since the last finish_pass")
+        model = gmm.GaussianMixtureModel(self.covariance_type, self.chunk_size)
+        params, ll = online.m_step(model, self._accumulated, reg_covar=self.reg_covar)
+        self._accumulated = None
+        if not all(np.all(np.isfinite(np.asarray(a)))
+                   for a in jax.tree_util.tree_leaves(params)):
+            warnings.warn("the M-step gave non-finite parameters; the previous ones are "
+                          "kept: " + ILL_DEFINED_COVARIANCE, ConvergenceWarning, stacklevel=2)
+            return self
+        self._store_params(params)
+        self.lower_bound_ = float(ll)
         return self
 
     def _continues_warm_start(self, n_features: int) -> bool:

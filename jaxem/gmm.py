@@ -768,6 +768,34 @@ def _quadratic_moments(params: GMMParams, moments, total, c=None):
     return (nk, sum_x, sum_xx), total, ~jnp.any(risky)
 
 
+def combine_stats(a: GMMStats, b: GMMStats, a_scale: jax.typing.ArrayLike = 1.0,
+                  b_scale: jax.typing.ArrayLike = 1.0) -> GMMStats:
+    """``a_scale·a + b_scale·b``: the statistics of the union of two sets of samples (or,
+    with scales, a blend of them, as online EM's ``(1 − ρ) s + ρ ŝ``), about ``b``'s shift.
+
+    Statistics taken about different shifts (E-steps at different parameters) are first
+    moved to a common one, exactly: with ``δ = s_a − s_b`` and ``a₁ = Σ r (x − s_a)``,
+    ``Σ r (x − s_b)(x − s_b)ᵀ = S_a + δ a₁ᵀ + a₁ δᵀ + n δ δᵀ`` (diag/spherical: the
+    diagonal; tied: summed over components). Blocks of one streamed E-step share their shift,
+    and the move is then the identity. ``live`` is ``b``'s.
+    """
+    cov_type = b.covariance_type
+    if a.covariance_type != cov_type:
+        raise ValueError(f"cannot combine {a.covariance_type} and {cov_type} statistics")
+    delta = a.shift - b.shift  # (K, D)
+    nk, s1, s2 = a.nk, a.sum_x, a.sum_xx
+    if cov_type in ("full", "tied"):
+        cross = s1[:, :, None] * delta[:, None, :]
+        extra = cross + jnp.swapaxes(cross, 1, 2) + (
+            nk[:, None, None] * delta[:, :, None] * delta[:, None, :])
+        s2 = s2 + (extra if cov_type == "full" else jnp.sum(extra, axis=0))
+    else:
+        s2 = s2 + 2 * delta * s1 + nk[:, None] * delta**2
+    s1 = s1 + nk[:, None] * delta
+    return GMMStats(a_scale * nk + b_scale * b.nk, a_scale * s1 + b_scale * b.sum_x,
+                    a_scale * s2 + b_scale * b.sum_xx, b.shift, cov_type, live=b.live)
+
+
 @jax.jit
 def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams:
     """M-step: the parameters maximising the expected complete-data log-likelihood.
@@ -1116,6 +1144,10 @@ class GaussianMixtureModel:
                 f"GaussianMixtureModel({self.covariance_type!r})"
             )
         return m_step(stats, reg_covar)
+
+    def combine_stats(self, a: GMMStats, b: GMMStats, a_scale=1.0, b_scale=1.0) -> GMMStats:
+        """See :func:`combine_stats` (the streamed and online drivers' sum of statistics)."""
+        return combine_stats(a, b, a_scale, b_scale)
 
     def init(self, key, x, n_components: int, *, weights=None, method="kmeans", **kwargs):
         return init(
