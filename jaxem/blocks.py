@@ -309,22 +309,30 @@ def to_device(blocks: Iterator[Block], depth: int = 2) -> Iterator[tuple[Block, 
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
+    # JAX's float64 mode may be set for this thread only (a `with jax.enable_x64()`):
+    # the reader thread transfers under the consumer's setting, or float64 blocks would
+    # arrive as float32.
+    x64 = bool(jax.config.jax_enable_x64)
 
     def produce():
         try:
-            for b in blocks:
-                item = (b, (jax.device_put(b.x), jax.device_put(b.weights)))
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
+            with jax.enable_x64(x64):
+                _produce()
         except BaseException as e:  # handed to the consumer, raised there
             q.put(e)
+
+    def _produce():
+        for b in blocks:
+            item = (b, (jax.device_put(b.x), jax.device_put(b.weights)))
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        q.put(done)
 
     thread = threading.Thread(target=produce, name="jaxem-blocks", daemon=True)
     thread.start()

@@ -428,7 +428,7 @@ class GaussianMixture(*_BASES):
         if self.max_iter == 0 and not bool(best.failed):
             _, ll = streamed.e_step(model, data, best.params)
             best = best._replace(lower_bound=ll)
-        self._set_fitted(best, d)
+        self._set_fitted(best, d, stacklevel=4)
         return self
 
     # ----------------------------------------------------------------- batches
@@ -543,7 +543,7 @@ class GaussianMixture(*_BASES):
         return (self.params_.n_components == self.n_components
                 and self.params_.covariance_type == self.covariance_type)
 
-    def _set_fitted(self, best: em.FitResult, n_features: int):
+    def _set_fitted(self, best: em.FitResult, n_features: int, stacklevel: int = 3):
         n_iter = int(best.n_iter)
         failed = bool(best.failed)
         if failed and not all(np.all(np.isfinite(np.asarray(a)))
@@ -567,21 +567,21 @@ class GaussianMixture(*_BASES):
                 f"EM stopped at iteration {n_iter + 1} on a non-finite value and kept the "
                 "last finite parameters: " + ILL_DEFINED_COVARIANCE,
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
         elif self.max_iter == 0:
             warnings.warn(
                 "max_iter=0: no EM iteration ran; the parameters are the initialisation and "
                 "lower_bound_ is their mean log-likelihood.",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
         elif not self.converged_:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     def _store_params(self, params: gmm.GMMParams):
