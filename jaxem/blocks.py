@@ -106,16 +106,20 @@ class HostData:
       x: a ``.npy`` path, a ``np.memmap``, a NumPy array, or a block source.
       weights: optional (N,) non-negative weights for a path, memmap or array (a NumPy
         array or memmap); a block source gives its weights with its blocks.
+      rows: optional ``slice(start, stop)`` of a path, memmap or array (and its weights):
+        only those rows are read, e.g. one process's share
+        (:func:`jaxem.distributed.process_rows`).
     """
 
-    def __init__(self, x, weights=None):
+    def __init__(self, x, weights=None, rows: slice | None = None):
         self.path = None
         self.offset = None
         self.array = None
         self.source = None
         if isinstance(x, HostData):
-            if weights is not None:
-                raise ValueError("weights cannot be given with a HostData, which has its own")
+            if weights is not None or rows is not None:
+                raise ValueError("weights and rows cannot be given with a HostData, which "
+                                 "has its own")
             self.__dict__.update(x.__dict__)
             return
         if isinstance(x, (str, os.PathLike)):
@@ -159,7 +163,25 @@ class HostData:
         if weights is not None:
             _validation.check_sample_weight(weights, self.shape[0], "weights")
             self.weights = weights
+        if rows is not None:
+            self._select(rows)
         self._n_features = None if self.shape is None else self.shape[1]
+
+    def _select(self, rows: slice) -> None:
+        if self.shape is None:
+            raise ValueError("rows cannot be given with a block source")
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"rows must be a slice of consecutive rows, got {rows!r}")
+        start, stop, _ = rows.indices(self.shape[0])
+        if stop <= start:
+            raise ValueError(f"rows {rows!r} selects no row of {self.shape[0]}")
+        if self.path is not None:
+            self.offset += start * self.shape[1] * self.dtype.itemsize
+        else:
+            self.array = self.array[start:stop]
+        if self.weights is not None:
+            self.weights = self.weights[start:stop]
+        self.shape = (stop - start, self.shape[1])
 
     @property
     def n_rows(self) -> int | None:

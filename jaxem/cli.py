@@ -456,6 +456,120 @@ def _check_fit_options(args) -> None:
     _check_output(args.plot, "--plot")
 
 
+def parse_size(text: str, flag: str = "--memory-budget") -> int:
+    """Bytes from ``"512M"``, ``"4G"``, ``"1.5GB"``, ``"2e9"``."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give a size such as 512M, 4G or 2e9") from None
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{flag} {text!r}: must be a positive size")
+    return int(value)
+
+
+def default_memory_budget() -> int:
+    """A quarter of this machine's physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 * 2**30
+
+
+class _BlockEcho:
+    """Per-block progress of a long streamed iteration, at most every 2 s."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def __call__(self, iteration, rows, n_rows):
+        now = time.perf_counter()
+        if now - self.last < 2.0:
+            return
+        self.last = now
+        share = f" ({100 * rows / n_rows:.0f}%)" if n_rows else ""
+        with _PRINT_LOCK:
+            print(f"    iter {iteration:>4}: {rows:,} rows{share}", flush=True)
+
+
+def _join_run(args):
+    """``--coordinator``: join the distributed run; returns (process index, count)."""
+    if args.coordinator is None:
+        if args.num_processes != 1 or args.process_id != 0:
+            raise ValueError("--num-processes and --process-id need --coordinator HOST:PORT")
+        return 0, 1
+    from jaxem import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           timeout=args.join_timeout)
+    return args.process_id, args.num_processes
+
+
+def _streams(args, path: Path, share: float) -> bool:
+    """Whether ``jaxem fit`` streams the data: ``--stream``, a run of several processes
+    (``share`` < 1), or a ``.npy`` larger than the memory budget."""
+    if path.suffix.lower() != ".npy":
+        if args.stream:
+            raise ValueError(f"--stream: only .npy files are streamed, not {path.suffix!r}")
+        return False
+    budget = (default_memory_budget() if args.memory_budget is None
+              else parse_size(args.memory_budget))
+    return args.stream or share < 1 or path.stat().st_size * share > budget
+
+
+def _fit_streamed(args, gm, rank, n_processes) -> int:
+    """``jaxem fit`` on a ``.npy`` read block by block (this process's rows only)."""
+    import jax
+
+    from jaxem import blocks, gmm, streamed
+    from jaxem.distributed import process_rows
+
+    if args.columns or args.drop:
+        raise ValueError("--columns/--drop: a streamed file is read whole; write the columns "
+                         "to fit into a .npy of their own")
+    if args.plot:
+        _check_output(args.plot, "--plot")
+    whole = blocks.HostData(args.data)
+    n = whole.n_rows
+    if args.n_components > n:
+        raise ValueError(f"-k {args.n_components} is larger than the number of samples ({n})")
+    data = blocks.HostData(args.data, rows=process_rows(n, rank, n_processes))
+    lead = rank == 0
+    if lead:
+        where = f"; process rows {data.n_rows:,} of {n:,}" if n_processes > 1 else ""
+        print(f"{args.data}: {n} samples x {whole.n_features} features, streamed from disk "
+              f"in blocks{where}; fitting K={args.n_components} {args.covariance_type} with "
+              f"{args.n_init} restart(s)", flush=True)
+    t0 = time.perf_counter()
+    compiled = _compile_totals()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm.fit(data, progress=_echo_progress if lead and not args.quiet else None,
+               block_progress=_BlockEcho() if lead and not args.quiet else None)
+    model = gmm.GaussianMixtureModel(gm.covariance_type)
+    _, ll = streamed.e_step(model, data, gm.params_)  # all processes take part
+    if not lead:
+        return 0
+    print(f"done in {time.perf_counter() - t0:.2f} s (best restart "
+          f"{int(gm.fit_result_.best_index)})")
+    if args.verbose:
+        print(_compile_line(compiled))
+    p = gmm.n_parameters(gm.params_)
+    print(_summary_lines(gm.converged_, gm.n_iter_, float(ll), -2 * n * float(ll)
+                         + p * np.log(n), -2 * n * float(ll) + 2 * p, gm.params_))
+    for w in caught:
+        print(f"jaxem fit: warning: {w.message}", file=sys.stderr)
+    if args.out:
+        print(f"model written to {gm.save(args.out)}")
+    if args.plot:  # drawn on a random sample of the rows
+        sample, _ = blocks.subsample(data, 5000, args.seed, np.float64)
+        _plot_fit(gm, sample, args.plot, args.data)
+        print(f"plot written to {args.plot} (a sample of {len(sample)} rows)")
+    jax.effects_barrier()
+    return 0
+
+
 def _fit(args) -> int:
     from jaxem.estimator import GaussianMixture
 
@@ -466,6 +580,20 @@ def _fit(args) -> int:
     if args.n_components < 1:
         raise ValueError(f"-k {args.n_components}: must be >= 1")
     _check_fit_options(args)
+    if args.memory_budget is not None:
+        parse_size(args.memory_budget)
+    path = Path(args.data)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    rank, n_processes = _join_run(args)
+    if _streams(args, path, 1 / n_processes):
+        gm = GaussianMixture(args.n_components, covariance_type=args.covariance_type,
+                             n_init=args.n_init, max_iter=args.max_iter, tol=args.tol,
+                             reg_covar=args.reg_covar, random_state=args.seed)
+        return _fit_streamed(args, gm, rank, n_processes)
+    if n_processes > 1:
+        raise ValueError("--coordinator: a run of several processes streams a .npy file "
+                         "(each process its share of the rows); convert the data to .npy")
     x, names = load_data(args.data, args.columns, args.drop, with_names=True)
     if args.n_components > x.shape[0]:
         raise ValueError(f"-k {args.n_components} is larger than the number of samples "
@@ -694,6 +822,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_options(fit)
     fit.add_argument("--plot", metavar="PNG", help="write the fit and its convergence here")
     fit.add_argument("--quiet", action="store_true", help="no per-iteration progress")
+    fit.add_argument("--stream", action="store_true",
+                     help="read a .npy block by block every iteration instead of loading it")
+    fit.add_argument("--memory-budget", metavar="SIZE",
+                     help="stream a .npy larger than this (e.g. 8G; default a quarter of "
+                     "the machine's memory)")
+    fit.add_argument("--coordinator", metavar="HOST:PORT",
+                     help="join a run of several processes (jax.distributed): process 0's "
+                     "address; each process fits its share of the .npy's rows")
+    fit.add_argument("--num-processes", type=int, default=1,
+                     help="processes in the run (default 1)")
+    fit.add_argument("--process-id", type=int, default=0,
+                     help="this process's index, 0 .. N-1; process 0 prints and writes "
+                     "the model (default 0)")
+    fit.add_argument("--join-timeout", type=int, default=60,
+                     help="seconds to wait for every process to join (default 60)")
     fit.set_defaults(func=_fit)
 
     select = sub.add_parser("select", help="choose K and covariance type by BIC, AIC or ICL",

@@ -184,10 +184,17 @@ def _mesh_for(model, x, devices) -> Mesh | None:
     """The 1-D data mesh to shard over, or None for a single-device fit.
 
     ``devices=None`` uses every local device when there are several and the model's E-step
-    can reduce across devices (accepts ``axis_name``).
+    can reduce across devices (accepts ``axis_name``); in a run of several processes
+    (``jax.distributed.initialize``), every device of every process: each process passes
+    its own rows, and the fit is the one over all of them.
     """
     can_shard = "axis_name" in inspect.signature(model.e_step).parameters
     if devices is None:
+        if jax.process_count() > 1 and not _validation.is_traced(x):
+            if not can_shard:
+                raise TypeError(f"{type(model).__name__}.e_step takes no axis_name, so it "
+                                "cannot sum statistics across processes")
+            return Mesh(np.asarray(jax.devices()), (_DATA,))
         if _validation.is_traced(x) or not can_shard or jax.local_device_count() < 2:
             return None
         devices = jax.local_devices()
@@ -205,10 +212,28 @@ def _mesh_for(model, x, devices) -> Mesh | None:
 
 
 def _shard_data(x, weights, mesh: Mesh):
-    """Pad N to a multiple of the device count (zero-weight rows) and shard along N."""
+    """Pad N to a multiple of the device count (zero-weight rows) and shard along N.
+
+    With several processes, ``x`` is this process's rows: each process pads its rows to the
+    largest process's count (rounded to its local devices) and the global array is their
+    concatenation (``jax.make_array_from_process_local_data``)."""
     x = np.asarray(x)
     n = x.shape[0]
     w = np.ones(n, x.dtype) if weights is None else np.asarray(weights, x.dtype)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(np.asarray([n], np.int64)))
+        local = jax.local_device_count()
+        rows = int(-(-int(counts.max()) // local) * local)
+        if rows > n:
+            x = np.concatenate([x, np.repeat(x[-1:], rows - n, axis=0)])
+            w = np.concatenate([w, np.zeros(rows - n, x.dtype)])
+        total = rows * jax.process_count()
+        x = jax.make_array_from_process_local_data(NamedSharding(mesh, P(_DATA, None)), x,
+                                                   (total, x.shape[1]))
+        w = jax.make_array_from_process_local_data(NamedSharding(mesh, P(_DATA)), w, (total,))
+        return x, w
     pad = (-n) % mesh.size
     if pad:
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])

@@ -321,7 +321,7 @@ class GaussianMixture(*_BASES):
         return given
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, X, y=None, sample_weight=None, *, progress=None):
+    def fit(self, X, y=None, sample_weight=None, *, progress=None, block_progress=None):
         """Estimate the parameters with EM; ``n_init`` restarts run vmapped.
 
         Args:
@@ -333,6 +333,9 @@ class GaussianMixture(*_BASES):
           sample_weight: optional (N,) non-negative weights.
           progress: optional ``progress(restart, iteration, log_likelihood, change)`` called
             after every iteration from inside the compiled loop (see :func:`jaxem.fit`).
+          block_progress: host data only: ``block_progress(iteration, rows_done, n_rows)``
+            after each block of an iteration that has run 5 s (see
+            :func:`jaxem.streamed.fit`).
 
         Returns:
           self.
@@ -342,7 +345,7 @@ class GaussianMixture(*_BASES):
         for name in ("_batches", "_online", "_accumulated"):  # partial_fit starts again
             self.__dict__.pop(name, None)
         if blocks.is_host_data(X):
-            return self._fit_host(X, sample_weight, progress)
+            return self._fit_host(X, sample_weight, progress, block_progress)
         X = self._check_X(X, min_samples=self.n_components, reset=True)
         self._check_reg_covar(X.dtype)
         _validation.check_sample_weight(sample_weight, X.shape[0])
@@ -397,7 +400,7 @@ class GaussianMixture(*_BASES):
                              "square is beyond 3.4e38): rescale the data, or "
                              f"{_validation.X64_HINT}")
 
-    def _fit_host(self, X, sample_weight, progress):
+    def _fit_host(self, X, sample_weight, progress, block_progress=None):
         """``fit`` on data that stays on the host (a ``.npy`` path, a ``np.memmap``, a block
         source): initialised from a subsample, every iteration streamed block by block
         (:mod:`jaxem.streamed`); no copy of the data is made."""
@@ -412,7 +415,7 @@ class GaussianMixture(*_BASES):
         init_kwargs = self._check_inits(d)
         model = gmm.GaussianMixtureModel(self.covariance_type, self.chunk_size)
         common = dict(tol=self.tol, max_iter=self.max_iter, progress=progress,
-                      reg_covar=self.reg_covar)
+                      block_progress=block_progress, reg_covar=self.reg_covar)
         if self._continues_warm_start(d):
             lower = self.lower_bound_ if np.isfinite(self.lower_bound_) else -np.inf
             best = streamed.fit(model, data, self.params_, lower_bound=lower, **common)

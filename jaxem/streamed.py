@@ -84,8 +84,14 @@ def _all_processes_sum(model, stats, sums):
         return stats, sums
     from jax.experimental import multihost_utils
 
-    gathered = multihost_utils.process_allgather(stats)  # leaves gain a (processes,) axis
-    sums = np.sum(multihost_utils.process_allgather(np.asarray(sums)), axis=0)
+    try:
+        gathered = multihost_utils.process_allgather(stats)  # leaves gain a (processes,) axis
+        sums = np.sum(multihost_utils.process_allgather(np.asarray(sums)), axis=0)
+    except Exception as e:  # gloo/NCCL errors come as various runtime types
+        raise RuntimeError(
+            f"summing the statistics over {jax.process_count()} processes failed: another "
+            f"process died or left the run ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]})") from None
     combine = combiner(model)
     total = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), gathered)
     for i in range(1, jax.process_count()):
@@ -267,6 +273,24 @@ def _seed_of(key) -> int:
     return int(functools.reduce(lambda a, b: (a << 32) | int(b), words.tolist(), 0))
 
 
+def _subsample_all_processes(data, m, seed, dtype):
+    """:func:`jaxem.blocks.subsample`; with several processes, each samples its own rows
+    (⌈m / P⌉ of them, its own seed) and every process gets all the samples, in process
+    order: the same initialisation everywhere."""
+    count = jax.process_count()
+    if count == 1:
+        return blocks.subsample(data, m, seed, dtype)
+    from jax.experimental import multihost_utils
+
+    share = -(-m // count)
+    x, w = blocks.subsample(data, share, seed + jax.process_index(), dtype)
+    pad = share - len(x)  # a process with fewer rows pads with zero-weight rows
+    x = np.concatenate([x, np.zeros((pad, data.n_features), dtype)])
+    w = np.concatenate([w, np.zeros(pad, dtype)])
+    xs, ws = (np.asarray(a) for a in multihost_utils.process_allgather((x, w)))
+    return xs.reshape(-1, data.n_features), ws.reshape(-1)
+
+
 def initial_params(model, data, key, *, n_components: int, n_init: int = 1,
                    init_method: str = "kmeans", weights=None, init_rows: int | None = None,
                    init_kwargs: dict | None = None, dtype=None, **hyper):
@@ -288,7 +312,7 @@ def initial_params(model, data, key, *, n_components: int, n_init: int = 1,
     dtype = data.compute_dtype() if dtype is None else np.dtype(dtype)
     init_rows = (blocks.init_rows(data.n_features, dtype) if init_rows is None
                  else _validation.check_int(init_rows, "init_rows", 1))
-    x, w = blocks.subsample(data, max(init_rows, n_components), _seed_of(key), dtype)
+    x, w = _subsample_all_processes(data, max(init_rows, n_components), _seed_of(key), dtype)
     if np.sum(w > 0) < n_components:
         raise ValueError(f"x has {int(np.sum(w > 0))} sample(s) of positive weight, fewer "
                          f"than n_components={n_components}")

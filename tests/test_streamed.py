@@ -56,7 +56,9 @@ def test_streamed_fit_equals_in_memory_fit(x64, rng, tmp_path, covariance_type):
         got = streamed.fit(model, source, p0, weights=weights, tol=-1.0, max_iter=12,
                            block_rows=block_rows)
         assert int(got.n_iter) == 12
-        diff = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(ref.params), strict=True)]
+        diff = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+                zip(jax.tree_util.tree_leaves(got.params),
+                    jax.tree_util.tree_leaves(ref.params), strict=True)]
         assert max(diff) < 1e-10, (type(source), block_rows, diff)
         np.testing.assert_allclose(got.lower_bounds, ref.lower_bounds, rtol=0, atol=1e-10)
     # jaxem.fit dispatches host data to the streamed driver.
