@@ -22,6 +22,7 @@ pass half the cap; they are compiled again (or loaded from the persistent cache)
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -83,6 +84,26 @@ def _listen(event: str, duration: float, **kwargs) -> None:
         if stage == "compile":
             _totals["programs"] = _totals.get("programs", 0) + 1
             _maps["compiled"] += 1
+            if duration >= TRIM_AFTER_COMPILE_SECS:
+                _return_freed_memory()
+
+
+# A compile this long frees hundreds of MB of LLVM's memory, which glibc keeps in the
+# process; handed back to the system before the program runs (the event fires between
+# the compile and the first execution), it no longer adds to the peak: an estimator fit at
+# N = 2e7, D = 16, K = 32 peaked at data + 2.08 GB with a cold cache, + 1.88 GB with this.
+TRIM_AFTER_COMPILE_SECS = 1.0
+
+
+def _return_freed_memory() -> None:
+    if _state.get("malloc_trim", True) is None:
+        return
+    try:
+        trim = _state.get("malloc_trim") or ctypes.CDLL("libc.so.6").malloc_trim
+        _state["malloc_trim"] = trim
+        trim(0)
+    except (OSError, AttributeError):  # not glibc
+        _state["malloc_trim"] = None
 
 
 # Programs compiled since the mappings were last counted; the count costs ~0.1 ms per

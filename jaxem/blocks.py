@@ -401,6 +401,10 @@ def subsample(data: HostData, m: int, seed: int, dtype) -> tuple[np.ndarray, np.
             k = np.where(w > 0, np.log(u) / np.where(w > 0, w, 1.0), -np.inf)
         _check_rows(xb, wb, 0, n_b, start, np.dtype(dtype))
         start += n_b
+        if len(keys) >= m:  # a full reservoir: only keys above its least can enter
+            enter = k > keys.min()
+            dropped = dropped or bool(np.any(np.isfinite(k[~enter])))
+            xb, w, k = np.asarray(xb)[enter], w[enter], k[enter]
         keys = np.concatenate([keys, k])
         kept_x = np.concatenate([kept_x, np.asarray(xb, dtype)])
         kept_w = np.concatenate([kept_w, w.astype(dtype)])

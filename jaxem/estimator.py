@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxem import _validation, blocks, em, gmm, io, online, streamed
+from jaxem import _padding, _validation, blocks, em, gmm, io, online, streamed
 from jaxem._cache import enable_persistent_cache
 from jaxem._padding import pad_rows, padded_size
 
@@ -354,7 +354,12 @@ class GaussianMixture(*_BASES):
         dtype = X.dtype
         weights = None if sample_weight is None else np.asarray(sample_weight, dtype)
         # Rows padded (weight 0) to a few sizes: a refit on a similar N reuses the program.
+        # (Beyond 2^20 rows nothing is padded, and unit weights are left implicit: an
+        # N-sized array of ones, and the initialisation's draw by weight, cost memory.)
+        n_given = X.shape[0]
         X, weights = pad_rows(X, weights)
+        if sample_weight is None and X.shape[0] == n_given > _padding.MAX_PADDED_ROWS:
+            weights = None
 
         if self._continues_warm_start(X.shape[1]):
             # scikit-learn's warm start: one run continued across calls, so the first

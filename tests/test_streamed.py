@@ -228,3 +228,23 @@ def test_in_memory_initialisation_uses_a_subsample_beyond_init_rows(x64, rng):
     b = jaxem.fit_restarts(model, x, key, n_components=3, tol=1e-8, max_iter=300,
                            init_rows=200)
     assert abs(float(a.best.lower_bound) - float(b.best.lower_bound)) < 1e-6
+
+
+def test_a_model_without_combine_stats_streams_too(x64, rng):
+    # The streamed and online drivers need of a model only its additive statistics: the
+    # test suite's Poisson mixture (no combine_stats: its statistics are summed leaf by
+    # leaf) streams to the in-memory fit, and learns online.
+    from test_em import PoissonMixture
+
+    from jaxem import online
+
+    x = np.concatenate([rng.poisson(2.0, size=(300, 2)), rng.poisson(15.0, size=(200, 2))])
+    x = x[rng.permutation(len(x))].astype(float)
+    model = PoissonMixture()
+    p0 = model.init(jax.random.PRNGKey(0), x, 2)
+    ref = jaxem.fit(model, x, p0, tol=-1.0, max_iter=15)
+    got = jaxem.fit(model, Chunks(x, cuts=[123, 400]), p0, tol=-1.0, max_iter=15)
+    assert tree_allclose(got.params, ref.params, rtol=1e-10, atol=1e-12)
+    res = online.fit(model, x, p0, batch_rows=50, n_passes=5, kappa=0.7)
+    rates = np.sort(np.asarray(res.params[1])[:, 0])
+    np.testing.assert_allclose(rates, [2, 15], rtol=0.15)
