@@ -175,7 +175,7 @@ def _child(case: str, role: str, path: str, n: int, d: int, k: int, cov: str, it
             pass
         t = time.perf_counter()
         moved = 0
-        for b, (xd, _wd) in blocks.to_device(data.blocks(rows, np.float32)):
+        for b, (xd, _wd) in data.device_blocks(rows, np.float32):
             xd.block_until_ready()
             moved += b.x.nbytes
         out["gb_per_s"] = moved / 1e9 / (time.perf_counter() - t)

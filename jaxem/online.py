@@ -216,7 +216,7 @@ def fit(model, data, params, *, batch_rows: int = 4096, n_passes: int = 1, kappa
     state = start(model, params)
     lls = []
     for _ in range(n_passes):
-        for _, (xd, wd) in blocks.to_device(data.blocks(batch_rows, dtype)):
+        for _, (xd, wd) in data.device_blocks(batch_rows, dtype):
             state = _step(model, state, xd, wd, kappa, t0, average_from, hyper)
             lls.append(state.log_likelihood)
             if progress is not None:

@@ -123,7 +123,7 @@ def pass_statistics(model, data: blocks.HostData, params, block_rows: int, dtype
     acc = _zero_stats(model, params, batched, block_rows, data.n_features)
     sums = []
     rows = 0
-    for block, (xd, wd) in blocks.to_device(data.blocks(block_rows, dtype)):
+    for block, (xd, wd) in data.device_blocks(block_rows, dtype):
         acc, s = _accumulate(model, params, acc, xd, wd, batched)
         # Bound the queue: the block before this one must be done before another is read.
         if sums:

@@ -248,3 +248,29 @@ def test_a_model_without_combine_stats_streams_too(x64, rng):
     res = online.fit(model, x, p0, batch_rows=50, n_passes=5, kappa=0.7)
     rates = np.sort(np.asarray(res.params[1])[:, 0])
     np.testing.assert_allclose(rates, [2, 15], rtol=0.15)
+
+
+def test_parallel_readers_deliver_every_block_in_order(rng, tmp_path):
+    # A float64 file read for a float32 fit by 3 threads at once: the same blocks, in the
+    # same order, as one reader; a value beyond float32 is refused, naming its rows.
+    x = rng.normal(size=(1000, 3))
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    data = blocks.HostData(path)
+    one = [b for b, _ in data.device_blocks(128, np.float32, workers=1)]
+    three = [(b, np.asarray(xd)) for b, (xd, _) in data.device_blocks(128, np.float32,
+                                                                       workers=3)]
+    assert [b.start for b in one] == [b.start for b, _ in three] == list(range(0, 1000, 128))
+    for a, (b, on_device) in zip(one, three, strict=True):
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(on_device, b.x)
+    np.testing.assert_array_equal(np.concatenate([b.x[:b.n_valid] for b in one]),
+                                  x.astype(np.float32))
+    x[700, 2] = 1e39
+    np.save(path, x)
+    with pytest.raises(ValueError, match="beyond float32's range.*rows 640..767"):
+        list(blocks.HostData(path).device_blocks(128, np.float32, workers=3))
+    x[700, 2] = np.inf
+    np.save(path, x)
+    with pytest.raises(ValueError, match="NaN or infinite.*rows 640..767"):
+        list(blocks.HostData(path).device_blocks(128, np.float64, workers=2))
