@@ -1,6 +1,7 @@
 """EM drivers: the while-loop fit, vmapped restarts, stopping rule, failures, genericity."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -364,8 +365,10 @@ def test_sharded_fit_equals_single_device_fit():
     import subprocess
     import sys
 
+    # CPU devices forced by XLA_FLAGS: on a GPU machine JAX would take its one GPU instead.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "sharded ok" in out.stdout
 
