@@ -10,6 +10,9 @@ The drivers know nothing about Gaussians. A *model* is any hashable object with
                                                         over axis_name; may use collectives on it)
     check_hyper(**hyper)                               (optional: eager validation)
     check_params(params, x)                            (optional: eager validation)
+    combine_stats(a, b, a_scale, b_scale) -> stats     (optional: a_scale·a + b_scale·b, for
+                                                        the streamed and online drivers;
+                                                        default: leaf by leaf)
 
 Stopping rule (scikit-learn's): iteration ``i`` runs an E-step at the current parameters,
 records the mean log-likelihood ``ℓ_i`` there, then an M-step; the loop stops once

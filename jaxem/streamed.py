@@ -17,6 +17,11 @@ With several processes (``jax.distributed.initialize``), each process streams it
 and the statistics are summed across processes after every pass (an all-gather of the small
 statistics over JAX's distributed runtime), so every process takes the same M-step and the
 same stopping decision.
+
+A pass that fails part-way with ``RuntimeError`` or ``OSError`` (a process of the run lost,
+a file gone) raises it with ``partial_result``: the :class:`~jaxem._loop.FitResult` of the
+iterations completed before it (every field with a leading axis for restarts), so the work
+done is not lost.
 """
 
 from __future__ import annotations
@@ -181,9 +186,13 @@ def _loop_on_host(model, data, state, hyper, tol, max_iter, block_rows, dtype, b
             return state
         started = time.perf_counter()
         slow = _SlowIteration(block_progress, iteration_seconds, started)
-        stats, ll = pass_statistics(model, data, state.params, block_rows, dtype, batched,
-                                    None if block_progress is None else slow,
-                                    int(np.max(n_iter)) + 1)
+        try:
+            stats, ll = pass_statistics(model, data, state.params, block_rows, dtype,
+                                        batched, None if block_progress is None else slow,
+                                        int(np.max(n_iter)) + 1)
+        except (RuntimeError, OSError) as e:  # a process lost, a file gone: keep the work
+            e.partial_result = _loop.trim_history(state, max_iter)
+            raise
         old_bound = np.asarray(state.lower_bound)
         state = _update(model, hyper, tol, max_iter_dev, state, stats,
                         jnp.asarray(ll, state.lower_bound.dtype), batched)

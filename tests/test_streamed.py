@@ -274,3 +274,30 @@ def test_parallel_readers_deliver_every_block_in_order(rng, tmp_path):
     np.save(path, x)
     with pytest.raises(ValueError, match="NaN or infinite.*rows 640..767"):
         list(blocks.HostData(path).device_blocks(128, np.float64, workers=2))
+
+
+class _Vanishing(Chunks):
+    """A block source whose third reading fails, as a file on a lost mount would."""
+
+    def __init__(self, x):
+        super().__init__(x, cuts=[200])
+        self.reads = 0
+
+    def __iter__(self):
+        self.reads += 1
+        if self.reads == 3:
+            raise OSError("the mount went away")
+        yield from super().__iter__()
+
+
+def test_a_pass_that_fails_part_way_keeps_the_finished_iterations(x64, rng):
+    x = _data(rng)
+    model = gmm.GaussianMixtureModel("diag")
+    p0 = model.init(jax.random.PRNGKey(0), x, 3)
+    ref = jaxem.fit(model, x, p0, tol=-1.0, max_iter=1)
+    with pytest.raises(OSError, match="mount") as info:
+        streamed.fit(model, _Vanishing(x), p0, tol=-1.0, max_iter=10)
+    # reads: 1 = the feature count, 2 = iteration 1, 3 = iteration 2 fails
+    done = info.value.partial_result
+    assert int(done.n_iter) == 1 and not bool(done.failed)
+    assert tree_allclose(done.params, ref.params, rtol=1e-12, atol=1e-12)
