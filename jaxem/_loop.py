@@ -24,6 +24,24 @@ from jaxem import _validation
 RESTARTS_AXIS = "restarts"  # the vmap axis name of restarts, in memory and streamed
 
 
+def check_model(model) -> None:
+    """The model has the contract's two functions and is hashable (a static argument)."""
+    if not hasattr(model, "e_step") or not hasattr(model, "m_step"):
+        raise TypeError(f"model must define e_step and m_step, got {type(model).__name__}")
+    try:
+        hash(model)
+    except TypeError as e:
+        raise TypeError(f"model must be hashable (it is a static argument): {e}") from None
+
+
+def with_default_hyper(model, hyper: dict, dtype=None) -> dict:
+    """``hyper`` with the model's defaults filled in (so that passing or omitting one gives
+    the same traced structure, hence one compilation); as arrays of ``dtype`` if given."""
+    defaults = model.default_hyper() if hasattr(model, "default_hyper") else {}
+    hyper = {**defaults, **hyper}
+    return hyper if dtype is None else {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
+
+
 class FitResult(NamedTuple):
     """Result of :func:`fit` (under :func:`fit_restarts`, every field gains a leading axis)."""
 

@@ -44,6 +44,7 @@ from jaxem._loop import (  # noqa: F401  (re-exported: em.FitResult etc. are the
     Progress,
     RestartsResult,
     all_finite,
+    check_model,
     em_step,
     em_update,
     history_size,
@@ -52,6 +53,7 @@ from jaxem._loop import (  # noqa: F401  (re-exported: em.FitResult etc. are the
     relative_change,
     run,
     trim_history,
+    with_default_hyper,
 )
 
 _DATA = "data"  # the mesh axis the samples are sharded over
@@ -246,20 +248,8 @@ def _shard_data(x, weights, mesh: Mesh):
     return x, w
 
 
-def _with_defaults(model, hyper: dict) -> dict:
-    # Fill in the model's default hyperparameters so that passing or omitting one gives the
-    # same traced structure (and hence one compilation).
-    defaults = model.default_hyper() if hasattr(model, "default_hyper") else {}
-    return {**defaults, **hyper}
-
-
 def _check_common(model, x, weights, tol, max_iter, hyper):
-    if not hasattr(model, "e_step") or not hasattr(model, "m_step"):
-        raise TypeError(f"model must define e_step and m_step, got {type(model).__name__}")
-    try:
-        hash(model)
-    except TypeError as e:
-        raise TypeError(f"model must be hashable (it is a static argument): {e}") from None
+    check_model(model)
     x = _validation.check_data(x, "x")
     if not _validation.is_traced(x):
         _validation.check_sample_weight(weights, np.shape(x)[0], "weights")
@@ -299,7 +289,7 @@ def prepare(model, x, params, *, weights=None, tol=1e-3, max_iter=0, hyper=None,
       hyper: M-step hyperparameters.
       devices: ``False``: never shard; else :func:`fit`'s ``devices`` argument.
     """
-    hyper = _with_defaults(model, hyper or {})
+    hyper = with_default_hyper(model, hyper or {})
     x = _check_common(model, x, weights, tol, max_iter, hyper)
     if not _validation.is_traced(x):
         _cache.release_programs_if_crowded()  # before this driver compiles more
@@ -553,7 +543,7 @@ def fit_batch(
         i = int(np.argmin(counts))
         raise ValueError(f"dataset {i} has {int(counts[i])} sample(s) of positive weight, "
                          f"fewer than n_components={n_components}")
-    hyper = _with_defaults(model, hyper)
+    hyper = with_default_hyper(model, hyper)
     for name, value in hyper.items():
         _validation.check_real(value, name)
     if hasattr(model, "check_hyper"):

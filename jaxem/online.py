@@ -80,8 +80,7 @@ def m_step(model, acc: Accumulated, **hyper):
     result of one EM iteration over every batch added since the sum started."""
     if float(acc.weight) <= 0:
         raise ValueError("no sample of positive weight has been accumulated")
-    defaults = model.default_hyper() if hasattr(model, "default_hyper") else {}
-    hyper = {k: jnp.asarray(v, acc.weight.dtype) for k, v in {**defaults, **hyper}.items()}
+    hyper = _loop.with_default_hyper(model, hyper, acc.weight.dtype)
     return _m_step(model, acc.stats, hyper), acc.ll_sum / acc.weight
 
 
@@ -170,8 +169,7 @@ def update(model, state: OnlineState, x, weights=None, *, kappa=0.6, t0=0.0,
 
 def _step(model, state, xb, wb, kappa, t0, average_from, hyper):
     dtype = _loop.ll_dtype(state.params)
-    defaults = model.default_hyper() if hasattr(model, "default_hyper") else {}
-    hyper = {k: jnp.asarray(v, dtype) for k, v in {**defaults, **hyper}.items()}
+    hyper = _loop.with_default_hyper(model, hyper, dtype)
     return _online_step(model, state, xb, wb, jnp.asarray(kappa, dtype),
                         jnp.asarray(t0, dtype), jnp.int32(average_from or 0), hyper,
                         average_from is not None)
@@ -182,9 +180,7 @@ def current_params(model, state: OnlineState, **hyper):
     begun, else θ_t."""
     if state.n_averaged is None or int(state.n_averaged) == 0:
         return state.params
-    defaults = model.default_hyper() if hasattr(model, "default_hyper") else {}
-    dtype = _loop.ll_dtype(state.params)
-    hyper = {k: jnp.asarray(v, dtype) for k, v in {**defaults, **hyper}.items()}
+    hyper = _loop.with_default_hyper(model, hyper, _loop.ll_dtype(state.params))
     return _m_step(model, state.average, hyper)
 
 

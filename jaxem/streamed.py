@@ -105,15 +105,6 @@ def _all_processes_sum(model, stats, sums):
     return total, sums
 
 
-def _check_model(model):
-    if not hasattr(model, "e_step") or not hasattr(model, "m_step"):
-        raise TypeError(f"model must define e_step and m_step, got {type(model).__name__}")
-    try:
-        hash(model)
-    except TypeError as e:
-        raise TypeError(f"model must be hashable (it is a static argument): {e}") from None
-
-
 def _block_rows(data: blocks.HostData, block_rows, dtype) -> int:
     if block_rows is None:
         return blocks.default_block_rows(data.n_features, dtype, data.n_rows)
@@ -156,7 +147,7 @@ def e_step(model, data, params, *, weights=None, block_rows: int | None = None):
       weights: optional (N,) weights for a path or memmap.
       block_rows: rows per block (default: about :data:`jaxem.blocks.BLOCK_BYTES`).
     """
-    _check_model(model)
+    _loop.check_model(model)
     data = blocks.HostData(data, weights)
     dtype = np.dtype(_loop.ll_dtype(params))
     stats, ll = pass_statistics(model, data, params, _block_rows(data, block_rows, dtype), dtype)
@@ -217,12 +208,11 @@ class _SlowIteration:
 
 
 def _prepare(model, data, weights, tol, max_iter, hyper, block_rows, dtype=None):
-    _check_model(model)
+    _loop.check_model(model)
     data = blocks.HostData(data, weights)
     _validation.check_int(max_iter, "max_iter", 0)
     _validation.check_real(tol, "tol", allow_negative_infinity=True)
-    defaults = model.default_hyper() if hasattr(model, "default_hyper") else {}
-    hyper = {**defaults, **hyper}
+    hyper = _loop.with_default_hyper(model, hyper)
     for name, value in hyper.items():
         _validation.check_real(value, name)
     if hasattr(model, "check_hyper"):
@@ -314,7 +304,7 @@ def initial_params(model, data, key, *, n_components: int, n_init: int = 1,
     the first EM iterations over all the data wash out; so initialisation costs one pass
     and O(m·K·D) work, whatever N is.
     """
-    _check_model(model)
+    _loop.check_model(model)
     _validation.check_int(n_components, "n_components", 1)
     _validation.check_int(n_init, "n_init", 1)
     data = blocks.HostData(data, weights)
@@ -327,8 +317,7 @@ def initial_params(model, data, key, *, n_components: int, n_init: int = 1,
                          f"than n_components={n_components}")
     if hasattr(model, "with_batch"):
         model = model.with_batch(n_init, RESTARTS_AXIS)
-    defaults = model.default_hyper() if hasattr(model, "default_hyper") else {}
-    hyper = {k: jnp.asarray(v, dtype) for k, v in {**defaults, **hyper}.items()}
+    hyper = _loop.with_default_hyper(model, hyper, dtype)
     init_kwargs = {k: jnp.asarray(v, dtype) for k, v in (init_kwargs or {}).items()}
     return _initial_params(model, jnp.asarray(x), jnp.asarray(w), key, n_init, n_components,
                            init_method, init_kwargs, hyper)
