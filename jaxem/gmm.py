@@ -423,6 +423,29 @@ def _diag_moments(xc: jax.Array, wr: jax.Array, m: jax.Array):
 # (D, rows) arrays and like 2-8k rows at K = D = 64. Measured on a 2-core x86 CPU (see
 # benchmarks/README.md).
 CHUNK_BUDGET_BYTES = {"full": 8 * 2**20, "tied": 2**20, "diag": 4 * 2**20, "spherical": 4 * 2**20}
+# On accelerators the budgets are this many times larger (bounded by a share of the device's
+# memory): a GPU wants large blocks, not cache-sized ones. Measured on an H100
+# (benchmarks/bench_blocks.py): with the CPU budgets the E-step ran 2.1x (diag, N = 2e5,
+# D = K = 16) to 7.5x (full, N = 1e6, D = K = 32: 512-row blocks) slower than with
+# 65,536-262,144-row blocks.
+ACCELERATOR_BUDGET_SCALE = 256
+ACCELERATOR_BUDGET_MEMORY_SHARE = 1 / 32
+
+
+def chunk_budget_bytes(covariance_type: str) -> int:
+    """The E-step block's temporaries budget on the default backend: :data:`CHUNK_BUDGET_BYTES`
+    on CPUs (sized for this project's CPU's caches), :data:`ACCELERATOR_BUDGET_SCALE` times
+    that on a GPU or TPU, at most :data:`ACCELERATOR_BUDGET_MEMORY_SHARE` of its memory."""
+    budget = CHUNK_BUDGET_BYTES[covariance_type]
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return budget
+    budget *= ACCELERATOR_BUDGET_SCALE
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # some backends have no memory statistics
+        limit = None
+    return int(budget if not limit else min(budget, limit * ACCELERATOR_BUDGET_MEMORY_SHARE))
 
 
 CHUNK_ROW_ALIGN = 256  # automatic block sizes are multiples of this many rows
@@ -432,7 +455,7 @@ def auto_chunk_size(
     n_samples: int, n_components: int, n_features: int, dtype, covariance_type: str = "full",
     batch: int = 1,
 ) -> int:
-    """Rows per E-step block so that its temporaries fit in :data:`CHUNK_BUDGET_BYTES`.
+    """Rows per E-step block so that its temporaries fit in :func:`chunk_budget_bytes`.
 
     ``batch`` parameter sets processed together (vmapped restarts) share the budget.
     """
@@ -445,8 +468,7 @@ def auto_chunk_size(
     else:
         per_row = batch * {"full": 3 * k * d, "tied": k * d}[covariance_type]
     per_row = per_row * itemsize
-    budget = CHUNK_BUDGET_BYTES[covariance_type]
-    chunk = budget // per_row
+    chunk = chunk_budget_bytes(covariance_type) // per_row
     # Whole multiples of CHUNK_ROW_ALIGN rows: an odd block size (13,107 rows) made the
     # diag E-step at N = 2e5, D = K = 16 1.3x slower than its aligned neighbour (13,056),
     # and full at D = K = 8 1.6x (measured on the 2-core CPU).

@@ -557,3 +557,29 @@ def test_automatic_block_sizes_are_whole_multiples_of_the_row_alignment(cov_type
                 assert 1 <= c <= max(n, 128)
                 if gmm.CHUNK_ROW_ALIGN <= c < n:
                     assert c % gmm.CHUNK_ROW_ALIGN == 0, (n, k, d, batch, c)
+
+
+def test_block_budget_follows_the_backend(monkeypatch):
+    # CPUs keep the cache-sized budgets; a GPU (faked here) gets ACCELERATOR_BUDGET_SCALE
+    # times more, capped by a share of its memory, and so far larger blocks.
+    import jax.numpy as jnp
+
+    assert gmm.chunk_budget_bytes("full") == gmm.CHUNK_BUDGET_BYTES["full"]
+    cpu_rows = gmm.auto_chunk_size(10**6, 32, 32, jnp.float32, "full")
+
+    class FakeGPU:
+        platform = "gpu"
+
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return {"bytes_limit": self.limit}
+
+    monkeypatch.setattr(gmm.jax, "devices", lambda *a: [FakeGPU(80 * 2**30)])
+    big = gmm.chunk_budget_bytes("full")
+    assert big == gmm.CHUNK_BUDGET_BYTES["full"] * gmm.ACCELERATOR_BUDGET_SCALE
+    gpu_rows = gmm.auto_chunk_size(10**6, 32, 32, jnp.float32, "full")
+    assert gpu_rows >= 100 * cpu_rows and gpu_rows % gmm.CHUNK_ROW_ALIGN == 0
+    monkeypatch.setattr(gmm.jax, "devices", lambda *a: [FakeGPU(2**30)])  # a 1 GiB device
+    assert gmm.chunk_budget_bytes("full") == 2**30 // 32
