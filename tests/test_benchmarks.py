@@ -64,3 +64,18 @@ def test_bench_compile_smoke():
 def test_stress_compile_smoke():
     out = _run("stress_compile.py", "--seconds", "2")
     assert out.stdout.splitlines()[-1].startswith("done: ") and "peak mappings" in out.stdout
+
+
+def test_bench_stream_smoke(tmp_path):
+    out = _run("bench_stream.py", "all", "--smoke", "--dir", str(tmp_path))
+    for line in ("### memmap", "### init", "### disk", "### overhead", "### online",
+                 "### transfer", "peak RSS", "ratio", "GB/s"):
+        assert line in out.stdout, line
+
+
+def test_bench_blocks_smoke():
+    out = _run("bench_blocks.py", "--smoke")
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["diag, N=3000, D=4, K=3",
+                                                       "full, N=3000, D=4, K=3"]
+    assert all("*" in r and "auto/best" in r for r in rows)
