@@ -34,6 +34,25 @@ def check_model(model) -> None:
         raise TypeError(f"model must be hashable (it is a static argument): {e}") from None
 
 
+def check_settings(model, tol, max_iter, hyper: dict) -> None:
+    """Eager checks of a driver's loop settings: ``max_iter`` an int ≥ 0, ``tol`` real
+    (``-inf`` allowed; unchecked when traced), every hyperparameter real, and the model's own
+    ``check_hyper``."""
+    _validation.check_int(max_iter, "max_iter", 0)
+    if not _validation.is_traced(tol):
+        _validation.check_real(tol, "tol", allow_negative_infinity=True)
+    for name, value in hyper.items():
+        _validation.check_real(value, name)
+    if hasattr(model, "check_hyper"):
+        model.check_hyper(**hyper)
+
+
+def running(s, max_iter):
+    """Whether a fit in state ``s`` goes on: below ``max_iter``, not converged, not failed
+    (on traced values, or on NumPy copies of the state on the host)."""
+    return (s.n_iter < max_iter) & ~s.converged & ~s.failed
+
+
 def with_default_hyper(model, hyper: dict, dtype=None) -> dict:
     """``hyper`` with the model's defaults filled in (so that passing or omitting one gives
     the same traced structure, hence one compilation); as arrays of ``dtype`` if given."""
@@ -181,7 +200,7 @@ def run(model, x, weights, params, tol, max_iter, hyper, axis_name=None,
     tol = jnp.asarray(tol, ll_dtype(params))
 
     def cond(s: FitResult):
-        return (s.n_iter < max_iter) & ~s.converged & ~s.failed
+        return running(s, max_iter)
 
     def body(s: FitResult) -> FitResult:
         new = em_step(model, x, weights, hyper, tol, s, axis_name, param_tol)

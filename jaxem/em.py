@@ -45,6 +45,7 @@ from jaxem._loop import (  # noqa: F401  (re-exported: em.FitResult etc. are the
     RestartsResult,
     all_finite,
     check_model,
+    check_settings,
     em_step,
     em_update,
     history_size,
@@ -253,13 +254,7 @@ def _check_common(model, x, weights, tol, max_iter, hyper):
     x = _validation.check_data(x, "x")
     if not _validation.is_traced(x):
         _validation.check_sample_weight(weights, np.shape(x)[0], "weights")
-    _validation.check_int(max_iter, "max_iter", 0)
-    if not _validation.is_traced(tol):
-        _validation.check_real(tol, "tol", allow_negative_infinity=True)
-    for name, value in hyper.items():
-        _validation.check_real(value, name)
-    if hasattr(model, "check_hyper"):
-        model.check_hyper(**hyper)
+    check_settings(model, tol, max_iter, hyper)
     return x
 
 

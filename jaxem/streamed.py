@@ -157,7 +157,7 @@ def e_step(model, data, params, *, weights=None, block_rows: int | None = None):
 @functools.partial(jax.jit, static_argnames=("model", "batched"))
 def _update(model, hyper, tol, max_iter, s, stats, ll, batched):
     def one(s, stats, ll):
-        active = (s.n_iter < max_iter) & ~s.converged & ~s.failed
+        active = _loop.running(s, max_iter)
         new = _loop.em_update(model, hyper, tol, s, stats, ll)
         return jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new, s)
 
@@ -170,9 +170,8 @@ def _loop_on_host(model, data, state, hyper, tol, max_iter, block_rows, dtype, b
     in-memory loop's :class:`FitResult` (with a leading axis when ``batched``)."""
     max_iter_dev = jnp.int32(max_iter)
     while True:
-        n_iter, converged, failed = (np.asarray(a) for a in jax.device_get(
-            (state.n_iter, state.converged, state.failed)))
-        active = (n_iter < max_iter) & ~converged & ~failed
+        host = jax.device_get(state._replace(params=None, lower_bounds=None))
+        n_iter, active = np.asarray(host.n_iter), np.asarray(_loop.running(host, max_iter))
         if not np.any(active):
             return state
         started = time.perf_counter()
@@ -210,13 +209,8 @@ class _SlowIteration:
 def _prepare(model, data, weights, tol, max_iter, hyper, block_rows, dtype=None):
     _loop.check_model(model)
     data = blocks.HostData(data, weights)
-    _validation.check_int(max_iter, "max_iter", 0)
-    _validation.check_real(tol, "tol", allow_negative_infinity=True)
     hyper = _loop.with_default_hyper(model, hyper)
-    for name, value in hyper.items():
-        _validation.check_real(value, name)
-    if hasattr(model, "check_hyper"):
-        model.check_hyper(**hyper)
+    _loop.check_settings(model, tol, max_iter, hyper)
     dtype = data.compute_dtype() if dtype is None else np.dtype(dtype)
     _cache.release_programs_if_crowded()
     hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
@@ -245,12 +239,8 @@ def fit(model, data, params, *, weights=None, tol=1e-3, max_iter: int = 100,
         raise ValueError("params contain NaN or infinite values")
     data, hyper, block_rows, dtype = _prepare(model, data, weights, tol, max_iter, hyper,
                                               block_rows, np.dtype(_loop.ll_dtype(params)))
-    if hasattr(model, "check_params"):
-        model.check_params(params)
-    means = getattr(params, "means", None)
-    if means is not None and np.shape(means)[-1] != data.n_features:
-        raise ValueError(f"x has {data.n_features} features, but params have "
-                         f"{np.shape(means)[-1]}")
+    if hasattr(model, "check_params"):  # with no rows of the data's width
+        model.check_params(params, np.empty((0, data.n_features), dtype))
     state = _loop.initial_state(params, _loop.history_size(max_iter), lower_bound)
     state = _loop_on_host(model, data, state, hyper, jnp.asarray(tol, dtype), max_iter,
                           block_rows, dtype, False, progress, block_progress,

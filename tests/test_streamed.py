@@ -143,7 +143,7 @@ def test_host_data_errors_are_clear(rng, tmp_path):
         streamed.fit(model, _Two(), p0)
     with pytest.raises(ValueError, match="devices cannot be given"):
         jaxem.fit(model, Chunks(x), p0, devices=[])
-    with pytest.raises(ValueError, match="x has 2 features, but params have 3"):
+    with pytest.raises(ValueError, match="x has 2 features but params have 3"):
         streamed.fit(gmm.GaussianMixtureModel("diag"), Chunks(x),
                      model.init(jax.random.PRNGKey(0), np.ones((5, 3)), 2))
 
