@@ -364,14 +364,9 @@ class GaussianMixture(*_BASES):
         if self._continues_warm_start(X.shape[1]):
             # scikit-learn's warm start: one run continued across calls, so the first
             # iteration's change is measured from the previous call's lower bound.
-            result = em.fit(
+            self._continue(lambda lower: em.fit(
                 model, X, self.params_, weights=weights, tol=self.tol, max_iter=self.max_iter,
-                progress=progress, reg_covar=self.reg_covar,
-                lower_bound=self.lower_bound_ if np.isfinite(self.lower_bound_) else -np.inf,
-            )
-            self.fit_result_ = em.RestartsResult(
-                result, jnp.asarray(0), jax.tree_util.tree_map(lambda a: a[None], result)
-            )
+                progress=progress, reg_covar=self.reg_covar, lower_bound=lower))
         else:
             # With every initial parameter given, all restarts would be identical.
             n_init = 1 if len(init_kwargs) == 3 else self.n_init
@@ -399,6 +394,14 @@ class GaussianMixture(*_BASES):
         self._set_fitted(best, X.shape[1])
         return self
 
+    def _continue(self, run):
+        """scikit-learn's warm start: ``run(lower_bound)`` continues the previous fit, its
+        first change measured from the previous call's lower bound; the result is kept as
+        a one-restart ``fit_result_``."""
+        best = run(self.lower_bound_ if np.isfinite(self.lower_bound_) else -np.inf)
+        self.fit_result_ = em.RestartsResult(
+            best, jnp.asarray(0), jax.tree_util.tree_map(lambda a: a[None], best))
+
     def _check_reg_covar(self, dtype):
         if dtype == np.float32 and self.reg_covar > _validation.FLOAT32_SQRT_MAX / 1e3:
             raise ValueError(f"reg_covar={self.reg_covar:g} overflows float32 arithmetic (its "
@@ -422,17 +425,15 @@ class GaussianMixture(*_BASES):
         common = dict(tol=self.tol, max_iter=self.max_iter, progress=progress,
                       block_progress=block_progress, reg_covar=self.reg_covar)
         if self._continues_warm_start(d):
-            lower = self.lower_bound_ if np.isfinite(self.lower_bound_) else -np.inf
-            best = streamed.fit(model, data, self.params_, lower_bound=lower, **common)
-            self.fit_result_ = em.RestartsResult(
-                best, jnp.asarray(0), jax.tree_util.tree_map(lambda a: a[None], best))
+            self._continue(lambda lower: streamed.fit(model, data, self.params_,
+                                                      lower_bound=lower, **common))
         else:
             n_init = 1 if len(init_kwargs) == 3 else self.n_init
             self.fit_result_ = streamed.fit_restarts(
                 model, data, jax.random.PRNGKey(_seed(self.random_state)),
                 n_components=self.n_components, n_init=n_init, init_method=self.init_params,
                 init_kwargs=init_kwargs, **common)
-            best = self.fit_result_.best
+        best = self.fit_result_.best
         if self.max_iter == 0 and not bool(best.failed):
             _, ll = streamed.e_step(model, data, best.params)
             best = best._replace(lower_bound=ll)
