@@ -91,10 +91,16 @@ def _memmap_file_offset(x: np.memmap) -> int | None:
 
 
 def _read_exactly(fd: int, buf: np.ndarray, position: int) -> None:
+    """Fill ``buf`` from byte ``position`` of the open file ``fd`` (``preadv``, which
+    releases the GIL and leaves the file position alone, so threads can share the file)."""
     view = memoryview(buf).cast("B")
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], position + done)
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], position + done)
+        else:  # pragma: no cover - Windows: one reader at a time per descriptor
+            os.lseek(fd, position + done, os.SEEK_SET)
+            got = os.readv(fd, [view[done:]])
         if got <= 0:
             raise ValueError(f"the file ended early: {len(view) - done} bytes missing at byte "
                              f"{position + done}")
@@ -132,6 +138,11 @@ class HostData:
                 offset, shape, dtype, fortran = _npy_layout(path)
             except (ValueError, OSError) as e:
                 raise ValueError(f"x: {path!r} is not a readable .npy file: {e}") from None
+            needed = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if os.path.getsize(path) < needed:
+                raise ValueError(f"x: {path!r} is truncated: its header declares shape "
+                                 f"{tuple(shape)} ({needed} bytes with the header), the file "
+                                 f"holds {os.path.getsize(path)}")
             if fortran:  # column-major: rows are not contiguous, read through a mapping
                 self.array = np.load(path, mmap_mode="r")
             else:

@@ -301,3 +301,15 @@ def test_a_pass_that_fails_part_way_keeps_the_finished_iterations(x64, rng):
     done = info.value.partial_result
     assert int(done.n_iter) == 1 and not bool(done.failed)
     assert tree_allclose(done.params, ref.params, rtol=1e-12, atol=1e-12)
+
+
+def test_a_truncated_npy_is_refused_before_any_pass(rng, tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, rng.normal(size=(100, 3)))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 24)
+    with pytest.raises(ValueError, match="truncated"):
+        blocks.HostData(path)
+    np.save(path, np.arange(10.0))
+    with pytest.raises(ValueError, match="2-D"):
+        blocks.HostData(path)
