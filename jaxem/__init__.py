@@ -1,6 +1,18 @@
 """jaxem: Expectation-Maximization in JAX, with the Gaussian mixture as its flagship."""
 
-from jaxem import differentiable, elbo, gmm, io, kmeans, search, sgd
+from jaxem import (
+    blocks,
+    differentiable,
+    distributed,
+    elbo,
+    gmm,
+    io,
+    kmeans,
+    online,
+    search,
+    sgd,
+    streamed,
+)
 from jaxem._validation import PrecisionWarning
 from jaxem.differentiable import (
     GradientWarning,
@@ -55,7 +67,9 @@ __all__ = [
     "SGDResult",
     "SearchResult",
     "__version__",
+    "blocks",
     "differentiable",
+    "distributed",
     "elbo",
     "envelope_log_likelihood",
     "fit",
@@ -68,8 +82,10 @@ __all__ = [
     "io",
     "kmeans",
     "load",
+    "online",
     "save",
     "search",
     "select",
     "sgd",
+    "streamed",
 ]
