@@ -394,6 +394,11 @@ def init_rows(n_features: int, dtype) -> int:
 READ_WORKERS = min(4, max(1, (os.cpu_count() or 1) // 4))
 
 
+def _on_device(b: Block) -> tuple[Block, tuple]:
+    """``(block, (x_device, weights_device))``: the block copied to the default device."""
+    return b, (jax.device_put(b.x), jax.device_put(b.weights))
+
+
 def _prefetch_in_order(load, items, window: int, workers: int):
     """``(block, (x_device, w_device))`` for ``load(item)`` of every item, in order,
     computed by ``workers`` threads at most ``window`` items ahead."""
@@ -401,8 +406,7 @@ def _prefetch_in_order(load, items, window: int, workers: int):
 
     def job(item):
         with jax.enable_x64(x64):
-            b = load(item)
-            return b, (jax.device_put(b.x), jax.device_put(b.weights))
+            return _on_device(load(item))
 
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxem-read")
     pending: collections.deque = collections.deque()
@@ -446,7 +450,7 @@ def to_device(blocks: Iterator[Block], depth: int = 2) -> Iterator[tuple[Block, 
 
     def _produce():
         for b in blocks:
-            item = (b, (jax.device_put(b.x), jax.device_put(b.weights)))
+            item = _on_device(b)
             while not stop.is_set():
                 try:
                     q.put(item, timeout=0.1)

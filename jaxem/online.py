@@ -68,10 +68,8 @@ def accumulate(model, params, x, weights=None, acc: Accumulated | None = None) -
     dtype = np.dtype(_loop.ll_dtype(params))
     xb, wb = _as_batch(x, weights, dtype)
     if acc is None:
-        zero = jax.eval_shape(lambda: model.e_step(params, xb, wb)[0])
-        acc = Accumulated(params, jax.tree_util.tree_map(
-            lambda s: jnp.zeros(s.shape, s.dtype), zero), jnp.zeros((), dtype),
-            jnp.zeros((), dtype))
+        acc = Accumulated(params, streamed.zero_statistics(model, params, xb, wb),
+                          jnp.zeros((), dtype), jnp.zeros((), dtype))
     return _accumulate(model, acc, xb, wb)
 
 

@@ -71,15 +71,18 @@ def _accumulate(model, params, acc, x, w, batched):
     return one(params, acc)
 
 
+def zero_statistics(model, params, x, w):
+    """Zeros in the structure and shapes of ``model.e_step(params, x, w)``'s statistics
+    (nothing is computed): the start of a sum over blocks or batches."""
+    shapes = jax.eval_shape(lambda: model.e_step(params, x, w)[0])
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "batched", "block_rows", "n_features"))
 def _zero_stats(model, params, batched, block_rows, n_features):
     d = _loop.ll_dtype(params)
-
-    def one(p):
-        x = jnp.zeros((block_rows, n_features), d)
-        shapes = jax.eval_shape(lambda: _block_stats(model, p, x, jnp.zeros(block_rows, d)))
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0])
-
+    x, w = jnp.zeros((block_rows, n_features), d), jnp.zeros(block_rows, d)
+    one = functools.partial(zero_statistics, model, x=x, w=w)
     return jax.vmap(one)(params) if batched else one(params)
 
 
