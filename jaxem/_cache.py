@@ -18,15 +18,35 @@ reached the cap, and then LLVM's JIT failed ("Cannot allocate memory") and the p
 with SIGSEGV while compiling. :func:`release_programs_if_crowded`, called by every driver
 before it compiles, drops JAX's compiled programs (``jax.clear_caches``) when the mappings
 pass half the cap; they are compiled again (or loaded from the persistent cache) on demand.
+
+Stored executables: JAX's cache is looked up by the lowered program, so a warm call still
+traces and lowers it (for an iris fit: 0.3 s of tracing and lowering, and 0.2 s setting up
+MLIR the first time in a process, against 0.1 s to load the program). :class:`StoredProgram`
+keeps the compiled executable itself (``jax.experimental.serialize_executable``) beside JAX's
+cache, keyed by everything that decides the program without tracing it — the function, its
+static arguments, the arguments' shapes and dtypes, jaxem's source, the JAX and jaxlib
+versions, the device, the CPU's features, ``XLA_FLAGS`` and the JAX settings that change a
+program — so a warm call loads and runs it with no tracing or lowering at all. It is on
+where the persistent cache is on (same folder rules: ``$XDG_CACHE_HOME/jaxem/programs``,
+private to the user) and falls back to an ordinary ``jax.jit`` call whenever a call cannot
+be keyed (traced arguments, Python callbacks, several devices) or a stored file cannot be
+loaded.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import inspect
 import os
+import pickle
+import platform
+import sys
+import tempfile
 from pathlib import Path
 
 import jax
+import numpy as np
 
 DISABLE_ENV = "JAXEM_NO_COMPILATION_CACHE"
 # Programs that compile faster than this are not worth a file (JAX's default is 1 s, which
@@ -66,6 +86,213 @@ def enable_persistent_cache() -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     _state["path"] = path
     return path
+
+
+def _private_dir(path: Path) -> bool:
+    """Make ``path`` (mode 0700); whether it exists and belongs to this user."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return not hasattr(os, "getuid") or path.stat().st_uid == os.getuid()
+    except OSError:
+        return False
+
+
+def program_store() -> Path | None:
+    """The folder of stored executables, or None when they are off: on exactly when
+    :func:`enable_persistent_cache` turned JAX's cache on (``…/jaxem/programs``)."""
+    if "store" not in _state:
+        xla = _state.get("path")
+        store = None if xla is None else xla.parent / "programs"
+        _state["store"] = store if store is not None and _private_dir(store) else None
+    return _state["store"] if _state.get("path") is not None else None
+
+
+STORE_FORMAT = b"jaxem-program-1\n"
+# The JAX settings that change what a function lowers to (the rest are debugging, logging
+# and cache options).
+_CONFIG_KEYS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
+                "jax_threefry_partitionable", "jax_numpy_rank_promotion",
+                "jax_numpy_dtype_promotion", "jax_platforms", "jax_use_shardy_partitioner")
+
+
+def _environment_key() -> str:
+    """What every stored program depends on besides its own arguments (once per process):
+    jaxem's source, JAX/jaxlib, Python, the device and the CPU it compiles for, XLA_FLAGS
+    and the JAX settings that change a program."""
+    if "environment" not in _state:
+        digest = hashlib.sha256()
+        package = Path(__file__).parent
+        for source in sorted(package.glob("*.py")):
+            digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+        device = jax.devices()[0]
+        parts = [digest.hexdigest(), jax.__version__, jax.lib.__version__, sys.version,
+                 platform.machine(), device.platform, device.device_kind,
+                 getattr(device.client, "platform_version", ""), str(jax.device_count()),
+                 os.environ.get("XLA_FLAGS", ""), _cpu_features()]
+        for name in _CONFIG_KEYS:
+            parts.append(f"{name}={getattr(jax.config, name, None)!r}")
+        _state["environment"] = "\n".join(parts)
+    return _state["environment"]
+
+
+def _cpu_features() -> str:
+    """The CPU's model and instruction-set flags: XLA:CPU compiles for the host CPU, so a
+    cache folder shared by two machines must not hand one the other's code."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _static_key(value) -> str | None:
+    """A stable text for a static argument, or None when it has none (an object printed
+    with its address, such as a callback)."""
+    text = repr(value)
+    return None if " at 0x" in text or " object at " in text else text
+
+
+def _leaf_key(leaf, device) -> str | None:
+    """Shape, dtype and weak type of an argument leaf; None for a traced value or an array
+    placed on another device (those calls are not stored)."""
+    if isinstance(leaf, jax.core.Tracer):
+        return None
+    if isinstance(leaf, jax.Array):
+        if leaf.sharding.device_set != {device}:
+            return None
+        return f"{leaf.shape}{leaf.dtype}{'w' if leaf.weak_type else ''}"
+    if isinstance(leaf, np.ndarray | np.generic):
+        return f"{leaf.shape}{leaf.dtype}np"
+    if isinstance(leaf, bool | int | float | complex):
+        return type(leaf).__name__
+    return None
+
+
+class StoredProgram:
+    """``jax.jit(fn, static_argnames, compiler_options)`` whose executables are kept on
+    disk (:func:`program_store`) and in this process: a call whose key is known runs the
+    stored executable, skipping tracing, lowering and compiling; otherwise the jitted
+    function runs (and its executable is stored for next time). Attributes other than the
+    call (``lower``, ``_cache_size``) are the jitted function's."""
+
+    def __init__(self, fn, static_argnames, compiler_options=None):
+        self.jitted = jax.jit(fn, static_argnames=static_argnames,
+                              compiler_options=compiler_options)
+        self._signature = inspect.signature(fn)
+        self._static = tuple(static_argnames)
+        self._name = f"{fn.__module__}.{fn.__qualname__}:{sorted((compiler_options or {}).items())}"
+        self._loaded: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self.jitted, name)
+
+    def __call__(self, *args, **kwargs):
+        store = program_store()
+        if store is None:
+            return self.jitted(*args, **kwargs)
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        dynamic = {k: v for k, v in bound.arguments.items() if k not in self._static}
+        key = self._key(bound.arguments, dynamic)
+        if key is None:
+            return self.jitted(*args, **kwargs)
+        compiled = self._loaded.get(key) or self._load(store, key)
+        if compiled is None:
+            # Compiled afresh, not taken from JAX's cache: XLA:CPU cannot serialise again
+            # an executable it has loaded from there (the copy runs, then fails to find
+            # its kernels: "Function … not found").
+            previous = jax.config.jax_enable_compilation_cache
+            jax.config.update("jax_enable_compilation_cache", False)
+            try:
+                compiled = self.jitted.lower(**bound.arguments).compile()
+            finally:
+                jax.config.update("jax_enable_compilation_cache", previous)
+            self._save(store, key, compiled)
+        self._loaded[key] = compiled
+        _loaded_programs.add(self)
+        return compiled(**dynamic)
+
+    def _key(self, arguments: dict, dynamic: dict) -> str | None:
+        parts = [self._name]
+        for name in self._static:
+            text = _static_key(arguments.get(name))
+            if text is None:
+                return None
+            parts.append(f"{name}={text}")
+        leaves, tree = jax.tree_util.tree_flatten(dynamic)
+        parts.append(str(tree))
+        device = jax.devices()[0]
+        for leaf in leaves:
+            text = _leaf_key(leaf, device)
+            if text is None:
+                return None
+            parts.append(text)
+        parts.append(_environment_key())
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def _load(self, store: Path, key: str):
+        from jax.experimental import serialize_executable
+
+        if not _lapack_ready():
+            return None
+        path = store / key
+        try:
+            if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
+                return None  # only the user's own files are unpickled
+            data = path.read_bytes()
+            if not data.startswith(STORE_FORMAT):
+                return None
+            payload, in_tree, out_tree = pickle.loads(data[len(STORE_FORMAT):])
+            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - a stale or damaged file: compile again
+            return None
+
+    def _save(self, store: Path, key: str, compiled) -> None:
+        from jax.experimental import serialize_executable
+
+        try:
+            data = STORE_FORMAT + pickle.dumps(serialize_executable.serialize(compiled))
+            fd, tmp = tempfile.mkstemp(dir=store, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, store / key)  # readers never see a partial file
+        except Exception:  # noqa: BLE001 - not serialisable or disk trouble: just not stored
+            try:
+                os.unlink(tmp)
+            except (NameError, OSError):
+                pass
+
+    def forget(self) -> None:
+        """Drop the executables this process holds (they stay on disk)."""
+        self._loaded.clear()
+
+
+_loaded_programs: set = set()
+
+
+def _lapack_ready() -> bool:
+    """Register jaxlib's LAPACK kernels, as lowering a linear-algebra op does: a program
+    loaded without any lowering in the process would otherwise call an unregistered
+    kernel (and crash). ``jax.export`` does the same before it runs a loaded program."""
+    if "lapack" not in _state:
+        try:
+            from jax._src.lax import linalg
+
+            linalg.initialize_lapack()
+            _state["lapack"] = True
+        except Exception:  # noqa: BLE001 - a JAX without it: never load stored programs
+            _state["lapack"] = False
+    return _state["lapack"]
+
+
+def forget_loaded_programs() -> None:
+    """Drop every :class:`StoredProgram`'s executables held in this process."""
+    for program in list(_loaded_programs):
+        program.forget()
+    _loaded_programs.clear()
 
 
 # JAX's own timing events for the three stages of building a program.
@@ -143,6 +370,7 @@ def release_programs_if_crowded(force_check: bool = False) -> bool:
     if limit is None or used is None or used < MAPS_BUDGET * limit:
         return False
     jax.clear_caches()
+    forget_loaded_programs()
     _maps["released"] += 1
     return True
 

@@ -116,10 +116,11 @@ def quick_compile(n_rows: int, n_entries: int, batch: int = 1) -> bool:
 
 
 def jit_pair(fn, static_argnames):
-    """``(jit(fn), jit(fn) compiled quickly)``: the drivers pick one by
-    :func:`quick_compile`."""
-    return (jax.jit(fn, static_argnames=static_argnames),
-            jax.jit(fn, static_argnames=static_argnames, compiler_options=QUICK_COMPILE_OPTIONS))
+    """``(jit(fn), jit(fn) compiled quickly)``, their executables kept across processes
+    where the persistent cache is on (:class:`jaxem._cache.StoredProgram`): the drivers
+    pick one by :func:`quick_compile`."""
+    return (_cache.StoredProgram(fn, static_argnames),
+            _cache.StoredProgram(fn, static_argnames, QUICK_COMPILE_OPTIONS))
 
 
 def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, progress=None,
@@ -303,8 +304,32 @@ def prepare(model, x, params, *, weights=None, tol=1e-3, max_iter=0, hyper=None,
     if weights is None and ones:
         weights = jnp.ones(x.shape[:1], dtype)
     weights = None if weights is None else _as_float(weights, dtype)
-    hyper = {k: jnp.asarray(v, dtype) for k, v in hyper.items()}
-    return DriverInputs(x, weights, jnp.asarray(tol, dtype), hyper, mesh)
+    hyper = {k: host_array(v, dtype) for k, v in hyper.items()}
+    return DriverInputs(x, weights, host_array(tol, dtype), hyper, mesh)
+
+
+def host_array(value, dtype) -> jax.Array:
+    """``jnp.asarray(value, dtype)`` for a small host value (a tolerance, a
+    hyperparameter, an iteration cap), made with NumPy and put on the device: an eager
+    ``jnp.asarray`` or ``jnp.int32`` compiles a conversion program, and lowering the first
+    program of a process costs ~0.15 s, all of a warm small fit's budget
+    (:class:`jaxem._cache.StoredProgram`). Traced values go through ``jnp.asarray``."""
+    if _validation.is_traced(value):
+        return jnp.asarray(value, dtype)
+    return jax.device_put(np.asarray(value, jax.dtypes.canonicalize_dtype(dtype)))
+
+
+# For these seeds the default generator's key is the seed's two 32-bit halves
+# (threefry's seeding), which host_key builds without compiling anything.
+_HOST_KEY_SEEDS = 2**32
+
+
+def host_key(seed: int) -> jax.Array:
+    """``jax.random.PRNGKey(seed)`` built on the host (tested equal) for the default
+    threefry generator and ``0 <= seed < 2**32``; else ``jax.random.PRNGKey`` itself."""
+    if jax.config.jax_default_prng_impl != "threefry2x32" or not 0 <= seed < _HOST_KEY_SEEDS:
+        return jax.random.PRNGKey(seed)
+    return jax.device_put(np.array([0, seed], np.uint32))
 
 
 def floating_dtype(x):
@@ -379,7 +404,7 @@ def fit(
                   devices=devices)
     # Always the optimised program: a fit vmapped inside the caller's jit (which cannot take
     # compiler options) then rounds exactly as the same fit called on its own.
-    result = _fit_jit(model, inp.x, inp.weights, params, inp.tol, jnp.int32(max_iter),
+    result = _fit_jit(model, inp.x, inp.weights, params, inp.tol, host_array(max_iter, np.int32),
                       inp.hyper, mesh=inp.mesh,
                       progress=None if progress is None else Progress(progress),
                       lower_bound=jnp.asarray(lower_bound, inp.tol.dtype),
@@ -447,15 +472,15 @@ def fit_restarts(
     inp = prepare(model, x, None, weights=weights, tol=tol, max_iter=max_iter, hyper=hyper,
                   devices=devices)
     dtype = inp.x.dtype
-    init_kwargs = {k: jnp.asarray(v, dtype) for k, v in (init_kwargs or {}).items()}
+    init_kwargs = {k: host_array(v, dtype) for k, v in (init_kwargs or {}).items()}
     n, d = np.shape(inp.x)
     quick = quick_compile(n, mixture_entries(n_components, d), n_init)
     program = _restarts_jit_quick if quick else _restarts_jit
     init_rows = (blocks.init_rows(d, dtype) if init_rows is None
                  else _validation.check_int(init_rows, "init_rows", n_components))
     result = program(
-        model, inp.x, inp.weights, key, inp.tol, jnp.int32(max_iter), n_init, n_components,
-        init_method, init_kwargs, inp.hyper, mesh=inp.mesh,
+        model, inp.x, inp.weights, key, inp.tol, host_array(max_iter, np.int32), n_init,
+        n_components, init_method, init_kwargs, inp.hyper, mesh=inp.mesh,
         progress=None if progress is None else Progress(progress),
         n_history=history_size(max_iter), init_rows=init_rows if n > init_rows else None,
     )
@@ -549,7 +574,7 @@ def fit_batch(
     quick = quick_compile(n, mixture_entries(n_components, d), n_init * b)
     program = _batch_jit_quick if quick else _batch_jit
     result = program(model, jnp.asarray(xs), jnp.asarray(w), jax.random.split(key, b),
-                     jnp.asarray(tol, dtype), jnp.int32(max_iter), n_init, n_components,
-                     init_method, {k: jnp.asarray(v, dtype) for k, v in hyper.items()},
+                     host_array(tol, dtype), host_array(max_iter, np.int32), n_init, n_components,
+                     init_method, {k: host_array(v, dtype) for k, v in hyper.items()},
                      history_size(max_iter))
     return trim_history(result, max_iter)

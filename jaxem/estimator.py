@@ -370,7 +370,7 @@ class GaussianMixture(*_BASES):
         else:
             # With every initial parameter given, all restarts would be identical.
             n_init = 1 if len(init_kwargs) == 3 else self.n_init
-            key = jax.random.PRNGKey(_seed(self.random_state))
+            key = em.host_key(_seed(self.random_state))
             # A small fit runs its K components in a program of _slots(K) (dead slots), so
             # that K = 1..8 share one program (a search over K, GridSearchCV).
             slots = self.n_components if init_kwargs else _slots(
@@ -430,7 +430,7 @@ class GaussianMixture(*_BASES):
         else:
             n_init = 1 if len(init_kwargs) == 3 else self.n_init
             self.fit_result_ = streamed.fit_restarts(
-                model, data, jax.random.PRNGKey(_seed(self.random_state)),
+                model, data, em.host_key(_seed(self.random_state)),
                 n_components=self.n_components, n_init=n_init, init_method=self.init_params,
                 init_kwargs=init_kwargs, **common)
         best = self.fit_result_.best
@@ -476,7 +476,7 @@ class GaussianMixture(*_BASES):
             init_kwargs = self._check_inits(X.shape[1])
             n_init = 1 if len(init_kwargs) == 3 else self.n_init
             start = em.fit_restarts(
-                model, X, jax.random.PRNGKey(_seed(self.random_state)),
+                model, X, em.host_key(_seed(self.random_state)),
                 n_components=self.n_components, n_init=n_init, init_method=self.init_params,
                 weights=sample_weight, max_iter=0, init_kwargs=init_kwargs,
                 reg_covar=self.reg_covar)
@@ -718,7 +718,7 @@ class GaussianMixture(*_BASES):
                                      f"sample(n_samples={n_samples}) with {d} features",
                                      "draw in batches")
         with _precision_of(self.params_):
-            key = jax.random.PRNGKey(_seed(self.random_state))
+            key = em.host_key(_seed(self.random_state))
             x, labels = _sample(key, self.params_, n_samples=n_samples)
             return np.asarray(x), np.asarray(labels)
 

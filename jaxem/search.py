@@ -276,7 +276,7 @@ def select(
     xp, wp = pad_rows(x, weights)
     k_max = ks[-1]
     n_live = jnp.asarray(ks, jnp.int32)
-    key = jax.random.PRNGKey(seed)
+    key = em.host_key(seed)
     shape = (len(ks), len(types))
     tables = {name: np.full(shape, np.nan) for name in
               ("bic", "aic", "icl", "log_likelihood", "n_parameters", "n_iter")}
@@ -303,8 +303,8 @@ def select(
                          hyper={"reg_covar": reg_covar})
         program = _search_jit_quick if quick else _search_jit
         best, _, log_lik, log_r_hard, n_params = program(
-            model, inp.x, inp.weights, key, n_live, inp.tol, jnp.int32(max_iter), inp.hyper,
-            k_max, n_init, methods, em.history_size(max_iter), labels)
+            model, inp.x, inp.weights, key, n_live, inp.tol, em.host_array(max_iter, np.int32),
+            inp.hyper, k_max, n_init, methods, em.history_size(max_iter), labels)
         log_lik, log_r_hard = np.asarray(log_lik, float), np.asarray(log_r_hard, float)
         n_params = np.asarray(n_params, float)
         tables["log_likelihood"][:, j] = log_lik / w_sum

@@ -11,41 +11,96 @@ import numpy as np
 import pytest
 
 import jaxem
+from jaxem import _cache
 
 PROBE = r'''
-import jax, numpy as np, jaxem
-hits = []
-jax.monitoring.register_event_listener(
-    lambda name, **kw: hits.append(name) if "cache_hits" in name else None)
-jaxem.GaussianMixture(2, random_state=0).fit(np.random.default_rng(0).normal(size=(50, 2)))
-print("HITS", len(hits), "DIR", jax.config.jax_compilation_cache_dir)
+import sys, jax, numpy as np, jaxem
+from jaxem import _cache
+_cache.compile_totals()
+x = np.random.default_rng(0).normal(size=(int(sys.argv[1]), 2))
+g = jaxem.GaussianMixture(2, covariance_type="full", random_state=0).fit(x)
+print("BUILT", _cache.compile_totals()["programs"], "DIR", jax.config.jax_compilation_cache_dir)
+print("MEANS", g.means_.tobytes().hex(), g.lower_bound_)
 '''
 
 
-def _probe(env_extra, tmp_path):
+def _probe(env_extra, tmp_path, rows=50):
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env.update(XDG_CACHE_HOME=str(tmp_path), **env_extra)
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         env=env, timeout=600)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(rows)], capture_output=True,
+                         text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
-    hits, folder = out.stdout.split("HITS ")[1].split(" DIR ")
-    return int(hits), folder.strip()
+    built, rest = out.stdout.split("BUILT ")[1].split(" DIR ")
+    folder, means = rest.split("MEANS ")
+    return int(built), folder.strip(), means.strip()
 
 
 def test_second_process_loads_what_the_first_compiled(tmp_path):
-    cache = tmp_path / "jaxem" / "xla"
-    hits, folder = _probe({}, tmp_path)
-    assert folder == str(cache) and hits == 0
-    assert any(cache.iterdir()) and (cache.stat().st_mode & 0o777) == 0o700
-    hits, _ = _probe({}, tmp_path)
-    assert hits >= 1  # the fit's program came from the cache, not from XLA
+    """The first process compiles and stores the fit's executable; the next ones (the same
+    shapes, or another N in the same padding bucket) build no program at all — no tracing,
+    lowering or compiling — and give bit-identical results. Both folders are private."""
+    built, folder, means = _probe({}, tmp_path)
+    assert folder == str(tmp_path / "jaxem" / "xla") and built >= 1
+    store = tmp_path / "jaxem" / "programs"
+    assert any(store.iterdir())
+    for path in (store, tmp_path / "jaxem" / "xla"):
+        assert (path.stat().st_mode & 0o777) == 0o700
+    again, _, means_again = _probe({}, tmp_path)
+    assert again == 0 and means_again == means
+    assert _probe({}, tmp_path, rows=60)[0] == 0  # padded to the same rows: no program
+
+
+def test_a_damaged_stored_program_is_compiled_again(tmp_path):
+    _, _, means = _probe({}, tmp_path)
+    store = tmp_path / "jaxem" / "programs"
+    for path in store.iterdir():
+        path.write_bytes(_cache.STORE_FORMAT + b"not a program")
+    built, _, means_again = _probe({}, tmp_path)
+    assert built >= 1 and means_again == means
+    assert _probe({}, tmp_path)[0] == 0  # and stored again
+
+
+def test_calls_that_cannot_be_keyed_are_not_stored():
+    """A static argument printed with its address (a callback) or a traced argument gives
+    no key: such a call runs the plain jitted function."""
+    from jaxem import em
+
+    assert _cache._static_key(lambda: None) is None
+    assert _cache._static_key(jaxem.GaussianMixtureModel("diag")) is not None
+    device = jax.devices()[0]
+    assert _cache._leaf_key(np.zeros((3, 2), np.float32), device) == "(3, 2)float32np"
+    seen = []
+    jax.jit(lambda a: seen.append(_cache._leaf_key(a, device)) or a)(np.ones(2))
+    assert seen == [None]
+    # and the keys differ with everything the program depends on
+    program = em._restarts_jit
+    args = {"n_init": 2, "x": np.zeros((4, 2), np.float32)}
+    key = program._key(args, {"x": args["x"]})
+    assert key != program._key({**args, "n_init": 3}, {"x": args["x"]})
+    x64 = np.zeros((4, 2), np.float64)
+    assert key != program._key({**args, "x": x64}, {"x": x64})
+
+
+def test_host_key_equals_prng_key():
+    """The drivers build keys on the host (no program compiled for them)."""
+    from helpers import enable_x64
+
+    from jaxem import em
+
+    for mode in (False, True):
+        with enable_x64(mode):
+            for seed in (0, 1, 12345, 2**31 - 1, 2**31, 2**32 - 1):
+                a, b = em.host_key(seed), jax.random.PRNGKey(seed)
+                assert a.dtype == b.dtype and np.array_equal(a, b), seed
+            h = em.host_array(1e-3, np.float32)
+            assert h.dtype == np.float32 and float(h) == np.float32(1e-3)
 
 
 def test_cache_can_be_turned_off_and_a_users_own_cache_is_kept(tmp_path):
-    _, folder = _probe({"JAXEM_NO_COMPILATION_CACHE": "1"}, tmp_path)
+    _, folder, _ = _probe({"JAXEM_NO_COMPILATION_CACHE": "1"}, tmp_path)
     assert folder == "None" and not (tmp_path / "jaxem").exists()
     own = tmp_path / "mine"
-    _, folder = _probe({"JAX_COMPILATION_CACHE_DIR": str(own)}, tmp_path)
+    _, folder, _ = _probe({"JAX_COMPILATION_CACHE_DIR": str(own)}, tmp_path)
     assert folder == str(own) and not (tmp_path / "jaxem").exists()
 
 
