@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxem import search
 from jaxem._linalg import COVARIANCE_TYPES
 
 
@@ -446,7 +447,7 @@ def _check_fit_options(args) -> None:
     """Every option of fit/select checked before data are read or anything compiled."""
     _check_seed(args.seed)
     for flag, value, low in (("--n-init", args.n_init, 1), ("--max-iter", args.max_iter, 0)):
-        if value < low:
+        if value is not None and value < low:
             raise ValueError(f"{flag} {value}: must be >= {low}")
     if not np.isfinite(args.tol):
         raise ValueError(f"--tol {args.tol}: must be finite")
@@ -667,6 +668,8 @@ def _select(args) -> int:
     _check_fit_options(args)
     x, names = load_data(args.data, args.columns, args.drop, with_names=True)
     ks = _parse_k_range(args.k, x.shape[0])
+    if args.n_init is None:
+        args.n_init = search.default_n_init(x.shape[0])
     print(f"{args.data}: {x.shape[0]} samples x {x.shape[1]} features; K in {ks}, "
           f"covariance types {cov_types}, {args.n_init} vmapped restart(s) each")
     print("one compiled program per covariance type; a line per model as each type "
@@ -777,10 +780,17 @@ def _add_fit_options(p, k_default=None):
                    help="full, tied, diag, spherical" + (" or all, or a comma list"
                                                          if k_default else "")
                    + " (default full)")
-    p.add_argument("--n-init", type=int, default=1, help="vmapped restarts (default 1)")
+    if k_default:  # a search: jaxem.select's defaults (chosen to find mclust's optima)
+        p.add_argument("--n-init", type=int, default=None,
+                       help=f"vmapped restarts per model (default "
+                            f"{search.SMALL_SEARCH_N_INIT} up to {search.SMALL_SEARCH_ROWS:,} "
+                            f"rows, else {search.LARGE_SEARCH_N_INIT})")
+    else:
+        p.add_argument("--n-init", type=int, default=1, help="vmapped restarts (default 1)")
     p.add_argument("--max-iter", type=int, default=100, help="EM iteration cap (default 100)")
-    p.add_argument("--tol", type=float, default=1e-3,
-                   help="stop when the mean log-likelihood changes less (default 1e-3)")
+    tol = search.SEARCH_TOL if k_default else 1e-3
+    p.add_argument("--tol", type=float, default=tol,
+                   help=f"stop when the mean log-likelihood changes less (default {tol:g})")
     p.add_argument("--reg-covar", type=float, default=1e-6,
                    help="added to covariance diagonals (default 1e-6)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

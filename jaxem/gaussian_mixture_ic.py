@@ -35,7 +35,9 @@ class GaussianMixtureIC(GaussianMixture):
       init_params: ``"k-means++"`` (default), another method or a tuple of methods; see
         :func:`jaxem.select`'s ``init_method``.
       tol, reg_covar, max_iter, n_init, random_state, chunk_size: as
-        :class:`jaxem.GaussianMixture`'s, for every candidate.
+        :class:`jaxem.GaussianMixture`'s, for every candidate, except the defaults of
+        ``tol`` (1e-6) and ``n_init`` (None: 32 restarts up to 10,000 rows, else 4), which
+        are :func:`jaxem.select`'s: chosen to find mclust's optima (README "Model search").
       verbose: ``>= 1`` prints a line per covariance type as its program finishes (its
         lowest BIC), then the criterion's table and the choice.
 
@@ -55,10 +57,10 @@ class GaussianMixtureIC(GaussianMixture):
         *,
         covariance_type="all",
         criterion="bic",
-        tol=1e-3,
+        tol=search.SEARCH_TOL,
         reg_covar=1e-6,
         max_iter=100,
-        n_init=1,
+        n_init=None,
         init_params="k-means++",
         random_state=None,
         verbose=0,
@@ -85,7 +87,8 @@ class GaussianMixtureIC(GaussianMixture):
         _validation.check_real(self.tol, "tol")
         _validation.check_real(self.reg_covar, "reg_covar", minimum=0.0)
         _validation.check_int(self.max_iter, "max_iter", 0)
-        _validation.check_int(self.n_init, "n_init", 1)
+        if self.n_init is not None:
+            _validation.check_int(self.n_init, "n_init", 1)
         for method in ((self.init_params,) if isinstance(self.init_params, str)
                        else self.init_params):
             _validation.check_init_method(method)
