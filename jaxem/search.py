@@ -323,16 +323,8 @@ def select(
         labels = None
     # One type after the other (measured: running the types' programs from a thread pool
     # saves nothing on the CPU, where XLA already compiles each with several threads).
-    for j, cov_type in enumerate(types):
-        started = time.perf_counter()
-        model = GaussianMixtureModel(cov_type, chunk_size).with_batch(members,
-                                                                      em.RESTARTS_AXIS)
-        inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter,
-                         hyper={"reg_covar": reg_covar})
-        program = _search_jit_quick if quick else _search_jit
-        best, _, log_lik, log_r_hard, n_params = program(
-            model, inp.x, inp.weights, key, n_live, inp.tol, em.host_array(max_iter, np.int32),
-            inp.hyper, k_max, n_init, methods, em.history_size(max_iter), labels)
+    def collect(j, cov_type, model, outputs, started):
+        best, _, log_lik, log_r_hard, n_params = outputs
         log_lik, log_r_hard = np.asarray(log_lik, float), np.asarray(log_r_hard, float)
         n_params = np.asarray(n_params, float)
         tables["log_likelihood"][:, j] = log_lik / w_sum
@@ -355,6 +347,25 @@ def select(
                                 *(tables[name][:, j].copy() for name in ("bic", "aic", "icl")),
                                 n_iter.astype(int), converged[:, j].copy(),
                                 failed[:, j].copy()))
+
+    # Pipelined: a type's program is dispatched (JAX runs it asynchronously), then the
+    # previous type's results are collected, so one type runs while the next compiles
+    # (Old Faithful, K = 1..5 × 4 types, 32 restarts, cold: 7.0 → 6.0 s in process).
+    pending = None
+    for j, cov_type in enumerate(types):
+        started = time.perf_counter()
+        model = GaussianMixtureModel(cov_type, chunk_size).with_batch(members,
+                                                                      em.RESTARTS_AXIS)
+        inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter,
+                         hyper={"reg_covar": reg_covar})
+        program = _search_jit_quick if quick else _search_jit
+        outputs = program(
+            model, inp.x, inp.weights, key, n_live, inp.tol, em.host_array(max_iter, np.int32),
+            inp.hyper, k_max, n_init, methods, em.history_size(max_iter), labels)
+        if pending is not None:
+            collect(*pending)
+        pending = (j, cov_type, model, outputs, started)
+    collect(*pending)
     score = tables[criterion]
     i, j = np.unravel_index(np.argmin(np.where(np.isfinite(score), score, np.inf)), shape)
     return SearchResult(

@@ -79,3 +79,11 @@ def test_bench_blocks_smoke():
     assert [r.split("|")[1].strip() for r in rows] == ["diag, N=3000, D=4, K=3",
                                                        "full, N=3000, D=4, K=3"]
     assert all("*" in r and "auto/best" in r for r in rows)
+
+
+def test_bench_mclust_compares_every_stored_cell():
+    """The comparison with mclust's stored BIC table runs, and counts what it compares:
+    Old Faithful, K = 1..2 × 4 types = 8 cells, none worse by more than 0.5 (K ≤ 2 has one
+    optimum, which any search finds)."""
+    out = _run("bench_mclust.py", "--datasets", "faithful", "--max-k", "2", "--n-init", "2")
+    assert "worse than mclust (> 0.5): 0/8 cells" in out.stdout
