@@ -36,6 +36,7 @@ loaded.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import inspect
 import os
@@ -147,10 +148,21 @@ def _cpu_features() -> str:
 
 
 def _static_key(value) -> str | None:
-    """A stable text for a static argument, or None when it has none (an object printed
-    with its address, such as a callback)."""
-    text = repr(value)
-    return None if " at 0x" in text or " object at " in text else text
+    """A stable text for a static argument, or None when it has none: plain values
+    (None, numbers, strings, tuples of them) and jaxem's own dataclasses (the models,
+    whose code is in the source hash of :func:`_environment_key`). Anything else (a
+    callback, a mesh, a model class of the user's, whose code could change under the same
+    name) makes the call unkeyed."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        parts = [_static_key(v) for v in value]
+        return None if None in parts else f"{type(value).__name__}({','.join(parts)})"
+    cls = type(value)
+    if dataclasses.is_dataclass(value) and cls.__module__.split(".")[0] == "jaxem":
+        parts = [_static_key(getattr(value, f.name)) for f in dataclasses.fields(value)]
+        return None if None in parts else f"{cls.__module__}.{cls.__qualname__}{parts}"
+    return None
 
 
 def _leaf_key(leaf, device) -> str | None:

@@ -2,6 +2,7 @@
 process loads the programs the first compiled, and it stays out of the way when asked; and
 the guard that drops compiled programs before the process runs out of memory mappings."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -67,6 +68,15 @@ def test_calls_that_cannot_be_keyed_are_not_stored():
 
     assert _cache._static_key(lambda: None) is None
     assert _cache._static_key(jaxem.GaussianMixtureModel("diag")) is not None
+    assert (_cache._static_key(jaxem.GaussianMixtureModel("diag"))
+            != _cache._static_key(jaxem.GaussianMixtureModel("diag", chunk_size=64)))
+
+    @dataclasses.dataclass(frozen=True)
+    class UsersModel:  # its code is not in jaxem's source hash: never keyed
+        k: int = 2
+
+    assert _cache._static_key(UsersModel()) is None
+    assert _cache._static_key(("kmeans", 3, None)) is not None
     device = jax.devices()[0]
     assert _cache._leaf_key(np.zeros((3, 2), np.float32), device) == "(3, 2)float32np"
     seen = []
