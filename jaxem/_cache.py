@@ -257,9 +257,7 @@ class StoredProgram:
                 return None
             payload, in_tree, out_tree = pickle.loads(data[len(STORE_FORMAT):])
             return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-        except FileNotFoundError:
-            return None
-        except Exception:  # noqa: BLE001 - a stale or damaged file: compile again
+        except Exception:  # noqa: BLE001 - none yet, or a stale or damaged file: compile
             return None
 
     def _save(self, store: Path, key: str, compiled) -> None:
@@ -267,15 +265,18 @@ class StoredProgram:
 
         try:
             data = STORE_FORMAT + pickle.dumps(serialize_executable.serialize(compiled))
+        except Exception:  # noqa: BLE001 - not serialisable (e.g. closed-over constants)
+            return
+        try:
             fd, tmp = tempfile.mkstemp(dir=store, prefix=".tmp-")
+        except OSError:
+            return
+        try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, store / key)  # readers never see a partial file
-        except Exception:  # noqa: BLE001 - not serialisable or disk trouble: just not stored
-            try:
-                os.unlink(tmp)
-            except (NameError, OSError):
-                pass
+        except OSError:  # a full disk: just not stored
+            Path(tmp).unlink(missing_ok=True)
 
     def forget(self) -> None:
         """Drop the executables this process holds (they stay on disk)."""
