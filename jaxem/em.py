@@ -487,13 +487,15 @@ def fit_restarts(
     return trim_history(result, max_iter)
 
 
-def _batch_program(model, x, weights, keys, tol, max_iter, n_init, n_components, init_method,
+def _batch_program(model, x, weights, key, tol, max_iter, n_init, n_components, init_method,
                    hyper, n_history):
     def one(xb, wb, kb):
         return _restarts_program(model, xb, wb, kb, tol, max_iter, n_init, n_components,
                                  init_method, {}, hyper, n_history=n_history)
 
-    return jax.vmap(one)(x, weights, keys)
+    # The datasets' keys split inside the program: eagerly, the split would be a program
+    # of its own, compiled even when the fit's program is a stored one.
+    return jax.vmap(one)(x, weights, jax.random.split(key, x.shape[0]))
 
 
 _batch_jit, _batch_jit_quick = jit_pair(
@@ -573,7 +575,7 @@ def fit_batch(
         model = model.with_batch(n_init, RESTARTS_AXIS)
     quick = quick_compile(n, mixture_entries(n_components, d), n_init * b)
     program = _batch_jit_quick if quick else _batch_jit
-    result = program(model, jnp.asarray(xs), jnp.asarray(w), jax.random.split(key, b),
+    result = program(model, jax.device_put(xs), jax.device_put(w), key,
                      host_array(tol, dtype), host_array(max_iter, np.int32), n_init, n_components,
                      init_method, {k: host_array(v, dtype) for k, v in hyper.items()},
                      history_size(max_iter))

@@ -303,7 +303,7 @@ def select(
     w_sum = float(n if weights is None else np.sum(weights))
     xp, wp = pad_rows(x, weights)
     k_max = ks[-1]
-    n_live = jnp.asarray(ks, jnp.int32)
+    n_live = em.host_array(ks, np.int32)
     key = em.host_key(seed)
     shape = (len(ks), len(types))
     tables = {name: np.full(shape, np.nan) for name in
@@ -317,7 +317,7 @@ def select(
     if all(m in HARD_INIT_METHODS for m in methods):
         seeding = _seeding_jit_quick if quick else _seeding_jit
         group_live, group_of = _trial_groups(ks, k_max)
-        labels = seeding(jnp.asarray(xp), jnp.asarray(wp), key, n_live, group_live, group_of,
+        labels = seeding(jax.device_put(xp), jax.device_put(wp), key, n_live, group_live, group_of,
                          k_max, n_init, methods)
     else:
         labels = None
