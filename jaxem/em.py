@@ -100,19 +100,35 @@ def mixture_entries(n_components: int, n_features: int) -> int:
     return n_components * (n_features + 1) + 2 * n_components * n_features**2
 
 
-def small_program(n_rows: int, n_entries: int, batch: int = 1) -> bool:
+# ... and whose EM loop runs at most this much work (the above × max_iter) in all. Code
+# compiled without LLVM's optimisation runs a loop 3-4× slower: an Old Faithful search of
+# 32 restarts × K = 1..5 × 100 iterations (work 2.3e8) ran 2.2 s at -O0 against 0.5 s at
+# -O2, more than the 1.7 s of compilation -O0 saves, and that run is paid on every warm
+# call too. A single small fit (iris: 2.8e6) or a GridSearchCV fold (wine: 7.2e7) stays
+# below.
+SMALL_PROGRAM_MAX_RUN = 2**27
+
+
+def small_program(n_rows: int, n_entries: int, batch: int = 1,
+                  max_iter: int | None = None) -> bool:
     """Whether a program over ``n_rows`` samples and ``batch`` parameter sets of
-    ``n_entries`` entries each is small (:data:`SMALL_PROGRAM_MAX_WORK`)."""
-    return n_rows * max(n_entries, 1) * batch <= SMALL_PROGRAM_MAX_WORK
+    ``n_entries`` entries each is small (:data:`SMALL_PROGRAM_MAX_WORK`), and, given the
+    iterations of its EM loop, whether that loop is short (:data:`SMALL_PROGRAM_MAX_RUN`)."""
+    work = n_rows * max(n_entries, 1) * batch
+    if work > SMALL_PROGRAM_MAX_WORK:
+        return False
+    return max_iter is None or work * max(max_iter, 1) <= SMALL_PROGRAM_MAX_RUN
 
 
-def quick_compile(n_rows: int, n_entries: int, batch: int = 1) -> bool:
-    """Whether to compile with :data:`QUICK_COMPILE_OPTIONS`: a small program, at top
-    level (compiler options belong to a top-level jit only), unless
-    ``JAXEM_QUICK_COMPILE=0``."""
+def quick_compile(n_rows: int, n_entries: int, batch: int = 1,
+                  max_iter: int | None = None) -> bool:
+    """Whether to compile with :data:`QUICK_COMPILE_OPTIONS`: a small program
+    (:func:`small_program`), at top level (compiler options belong to a top-level jit
+    only), unless ``JAXEM_QUICK_COMPILE=0``."""
     if os.environ.get(QUICK_COMPILE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return False
-    return not _validation.under_transformation() and small_program(n_rows, n_entries, batch)
+    return not _validation.under_transformation() and small_program(n_rows, n_entries, batch,
+                                                                    max_iter)
 
 
 def jit_pair(fn, static_argnames):
@@ -474,7 +490,7 @@ def fit_restarts(
     dtype = inp.x.dtype
     init_kwargs = {k: host_array(v, dtype) for k, v in (init_kwargs or {}).items()}
     n, d = np.shape(inp.x)
-    quick = quick_compile(n, mixture_entries(n_components, d), n_init)
+    quick = quick_compile(n, mixture_entries(n_components, d), n_init, max_iter)
     program = _restarts_jit_quick if quick else _restarts_jit
     init_rows = (blocks.init_rows(d, dtype) if init_rows is None
                  else _validation.check_int(init_rows, "init_rows", n_components))
@@ -573,7 +589,7 @@ def fit_batch(
     _validation.check_real(tol, "tol", allow_negative_infinity=True)
     if hasattr(model, "with_batch"):
         model = model.with_batch(n_init, RESTARTS_AXIS)
-    quick = quick_compile(n, mixture_entries(n_components, d), n_init * b)
+    quick = quick_compile(n, mixture_entries(n_components, d), n_init * b, max_iter)
     program = _batch_jit_quick if quick else _batch_jit
     result = program(model, jax.device_put(xs), jax.device_put(w), key,
                      host_array(tol, dtype), host_array(max_iter, np.int32), n_init, n_components,

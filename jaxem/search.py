@@ -312,10 +312,12 @@ def select(
     lower_bounds, params = {}, {}
     members = len(ks) * n_init * len(methods)
     # The seeding and every type's program are compiled alike: quickly when small.
-    quick = em.quick_compile(xp.shape[0], em.mixture_entries(k_max, x.shape[1]), members)
+    entries = em.mixture_entries(k_max, x.shape[1])
+    quick_seeding = em.quick_compile(xp.shape[0], entries, members)  # no EM loop
+    quick = em.quick_compile(xp.shape[0], entries, members, max_iter)
     # Hard seedings (k-means, k-means++, random_from_data) once for every type.
     if all(m in HARD_INIT_METHODS for m in methods):
-        seeding = _seeding_jit_quick if quick else _seeding_jit
+        seeding = _seeding_jit_quick if quick_seeding else _seeding_jit
         group_live, group_of = _trial_groups(ks, k_max)
         labels = seeding(jax.device_put(xp), jax.device_put(wp), key, n_live, group_live, group_of,
                          k_max, n_init, methods)

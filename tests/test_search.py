@@ -234,6 +234,10 @@ def test_quick_compile_is_on_for_small_top_level_programs_unless_turned_off(monk
     monkeypatch.delenv(em.QUICK_COMPILE_ENV, raising=False)
     assert em.small_program(256, small) and em.quick_compile(256, small)
     assert not em.quick_compile(10**5, big)
+    # a small program whose EM loop runs long (many restarts × iterations) is optimised:
+    # unoptimised code would run the loop 3-4× slower on every call
+    assert em.small_program(256, small, 320) and em.small_program(256, small, 320, max_iter=10)
+    assert not em.quick_compile(256, small, 320, max_iter=100)
     assert not jax.jit(lambda v: v + em.quick_compile(256, small))(0)  # inside a trace
     for off in ("0", "false", "no"):
         monkeypatch.setenv(em.QUICK_COMPILE_ENV, off)
