@@ -117,9 +117,15 @@ _CONFIG_KEYS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_p
 
 
 def _environment_key() -> str:
-    """What every stored program depends on besides its own arguments (once per process):
-    jaxem's source, JAX/jaxlib, Python, the device and the CPU it compiles for, XLA_FLAGS
-    and the JAX settings that change a program."""
+    """What every stored program depends on besides its own arguments: jaxem's source,
+    JAX/jaxlib, Python, the device and the CPU it compiles for, XLA_FLAGS (read once per
+    process), and the JAX settings that change a program (read at every call: float64
+    mode can be switched on and off within a process)."""
+    settings = [f"{name}={getattr(jax.config, name, None)!r}" for name in _CONFIG_KEYS]
+    return _process_environment() + "\n" + "\n".join(settings)
+
+
+def _process_environment() -> str:
     if "environment" not in _state:
         digest = hashlib.sha256()
         package = Path(__file__).parent
@@ -130,8 +136,6 @@ def _environment_key() -> str:
                  platform.machine(), device.platform, device.device_kind,
                  getattr(device.client, "platform_version", ""), str(jax.device_count()),
                  os.environ.get("XLA_FLAGS", ""), _cpu_features()]
-        for name in _CONFIG_KEYS:
-            parts.append(f"{name}={getattr(jax.config, name, None)!r}")
         _state["environment"] = "\n".join(parts)
     return _state["environment"]
 

@@ -37,10 +37,11 @@ CRITERIA = ("bic", "aic", "icl")
 # The search's defaults, chosen by evidence (benchmarks/bench_mclust.py, README "Model
 # search"): on Old Faithful, iris and standardised wine, K = 1..9 × 4 types (105 cells
 # mclust fits), the cells worse than R's mclust by more than 0.5 in BIC were 41 with
-# scikit-learn's one restart and tol = 1e-3, 13 with 16 restarts, 2 with 16 restarts and
-# tol = 1e-5, 1 with 16 and 1e-6, and none with 32 restarts and tol = 1e-6. A criterion
-# compares total log-likelihoods to within ~1, i.e. mean log-likelihoods to ~1/N: the
-# estimator's tol = 1e-3 stops slow fits far from their optimum.
+# scikit-learn's one restart and tol = 1e-3, 11 with 16 restarts, 2 with 16 restarts and
+# tol = 1e-5, 1 with 16 or 32 restarts and tol = 1e-6 (32: 0.7 off), none with 64 (at twice
+# the run time). A criterion compares total log-likelihoods to within ~1, i.e. mean
+# log-likelihoods to ~1/N: the estimator's tol = 1e-3 stops slow fits far from their
+# optimum.
 SEARCH_TOL = 1e-6
 SMALL_SEARCH_ROWS = 10_000  # up to this many rows, restarts are nearly free
 SMALL_SEARCH_N_INIT, LARGE_SEARCH_N_INIT = 32, 4
@@ -311,7 +312,8 @@ def select(
     converged, failed = np.zeros(shape, bool), np.zeros(shape, bool)
     lower_bounds, params = {}, {}
     members = len(ks) * n_init * len(methods)
-    # The seeding and every type's program are compiled alike: quickly when small.
+    # Small programs compile quickly (-O0), unless their EM loop runs long (em.small_program);
+    # the seeding has no EM loop.
     entries = em.mixture_entries(k_max, x.shape[1])
     quick_seeding = em.quick_compile(xp.shape[0], entries, members)  # no EM loop
     quick = em.quick_compile(xp.shape[0], entries, members, max_iter)

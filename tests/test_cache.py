@@ -89,6 +89,10 @@ def test_calls_that_cannot_be_keyed_are_not_stored():
     assert key != program._key({**args, "n_init": 3}, {"x": args["x"]})
     x64 = np.zeros((4, 2), np.float64)
     assert key != program._key({**args, "x": x64}, {"x": x64})
+    from helpers import enable_x64
+
+    with enable_x64(not jax.config.jax_enable_x64):  # same arguments, the other mode
+        assert key != program._key(args, {"x": args["x"]})
 
 
 def test_host_key_equals_prng_key():
