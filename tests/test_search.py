@@ -316,3 +316,40 @@ def test_kmeans_plusplus_runs_once_per_trial_count_and_equals_the_per_k_seeding(
         for r in range(3):
             alone = gmm.initial_labels(keys[r], x, w, k, "k-means++")
             np.testing.assert_array_equal(shared[i * 3 + r], alone)
+
+
+def test_each_cell_keeps_the_restart_with_the_best_final_log_likelihood(x64):
+    """The criteria are made of the log-likelihood at a restart's final parameters, so the
+    cell keeps the restart whose final parameters score best (not the one with the best
+    last bound, one M-step older): the cell's value is the maximum over its restarts. The
+    data and the two-iteration cap are chosen so that the two rules disagree in some
+    cells (restarts still climbing at different speeds)."""
+    x = make_blobs(np.random.default_rng(2), n_per=30, k=3, d=2, sep=2.0)
+    settings = dict(n_init=6, tol=1e-3, max_iter=2)
+    result = jaxem.select(x, [2, 4], ["full", "diag"], seed=1, init_method="kmeans",
+                          **settings)  # the estimator's restarts
+    disagree = 0
+    for i, k in enumerate(result.ks):
+        for j, cov_type in enumerate(result.covariance_types):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm = jaxem.GaussianMixture(k, covariance_type=cov_type, random_state=1,
+                                           **settings).fit(x)
+            runs = gm.fit_result_.restarts
+            model = gmm.GaussianMixtureModel(cov_type)
+            finals = [float(np.mean(jax.nn.logsumexp(model.log_joint(
+                model.first_components(jax.tree_util.tree_map(lambda a, r=r: a[r],
+                                                              runs.params), k), x), axis=1)))
+                      for r in range(6)]
+            assert result.log_likelihood[i, j] == pytest.approx(max(finals), rel=1e-9)
+            disagree += int(np.argmax(finals) != np.argmax(np.asarray(runs.lower_bound)))
+    assert disagree >= 1
+
+
+def test_search_defaults_depend_on_the_number_of_rows():
+    assert search.default_n_init(272) == search.SMALL_SEARCH_N_INIT == 32
+    assert search.default_n_init(search.SMALL_SEARCH_ROWS + 1) == search.LARGE_SEARCH_N_INIT
+    gm = jaxem.GaussianMixtureIC()
+    assert gm.n_init is None and gm.tol == search.SEARCH_TOL
+    with pytest.raises(ValueError, match="n_init"):
+        jaxem.GaussianMixtureIC(n_init=0).fit(np.zeros((10, 2)))
