@@ -77,15 +77,13 @@ def enable_persistent_cache() -> Path | None:
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
         return None
     path = cache_dir()
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
-            return None  # never a folder that is not the user's own
-    except OSError:
-        return None
+    if not _private_dir(path):
+        return None  # never a folder that is not the user's own
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     _state["path"] = path
+    store = path.parent / "programs"
+    _state["store"] = store if _private_dir(store) else None
     return path
 
 
@@ -99,13 +97,9 @@ def _private_dir(path: Path) -> bool:
 
 
 def program_store() -> Path | None:
-    """The folder of stored executables, or None when they are off: on exactly when
-    :func:`enable_persistent_cache` turned JAX's cache on (``…/jaxem/programs``)."""
-    if "store" not in _state:
-        xla = _state.get("path")
-        store = None if xla is None else xla.parent / "programs"
-        _state["store"] = store if store is not None and _private_dir(store) else None
-    return _state["store"] if _state.get("path") is not None else None
+    """The folder of stored executables (``…/jaxem/programs``), or None when they are
+    off: set by :func:`enable_persistent_cache` when it turns JAX's cache on."""
+    return _state.get("store")
 
 
 STORE_FORMAT = b"jaxem-program-1\n"

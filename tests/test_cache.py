@@ -148,3 +148,24 @@ def test_compiled_programs_are_dropped_before_the_memory_mappings_run_out(monkey
     jaxem.fit_restarts(jaxem.GaussianMixtureModel("diag"), x, jax.random.PRNGKey(0),
                        n_components=2, n_init=1)
     assert _cache._maps["released"] == released + 2
+
+
+def test_the_store_turns_on_with_the_cache_even_if_a_driver_ran_before(tmp_path):
+    """A driver called before the estimator enabled the cache (a plain ``jaxem.fit``) must
+    not leave the store off for the rest of the process."""
+    code = (
+        "import numpy as np, jax, jaxem\n"
+        "from jaxem import _cache\n"
+        "x = np.random.default_rng(0).normal(size=(40, 2))\n"
+        "jaxem.fit_restarts(jaxem.GaussianMixtureModel('diag'), x, jax.random.PRNGKey(0),"
+        " n_components=2)\n"
+        "assert _cache.program_store() is None\n"
+        "jaxem.GaussianMixture(2, random_state=0).fit(x)\n"
+        "print('STORE', _cache.program_store())\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("STORE ")[1].strip() == str(tmp_path / "jaxem" / "programs")
+    assert any((tmp_path / "jaxem" / "programs").iterdir())
