@@ -192,6 +192,39 @@ def test_product_moments_agree_with_centred_moments(seed, offset, sep, n_dup, k,
     np.testing.assert_allclose(auto.covariances, centred.covariances, rtol=1e-3)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 1e3]),
+       sep=st.sampled_from([1.0, 30.0, 1e3]), k=st.sampled_from([2, 6]),
+       overlap=st.booleans())
+def test_tied_moments_in_float32_do_not_round_with_the_separation(seed, offset, sep, k,
+                                                                  overlap):
+    # tied's moments are products about each sample's responsibility-weighted mean (no
+    # (K, D, C) array); expanding them about the mixture centre instead would round the
+    # shared covariance by ~eps·(separation/σ)² (8e-2 at 1e3 σ). Against float64, one
+    # M-step's covariance must stay within float32's reach of the data itself.
+    rng = np.random.default_rng(seed)
+    d, n = 3, 600
+    centers = rng.normal(size=(k, d)) * sep + offset
+    x = centers[rng.integers(0, k, n)] + rng.normal(size=(n, d))
+    w = rng.uniform(0.0, 2.0, n) * (rng.uniform(size=n) > 0.1)  # some weight-zero rows
+    cov = np.eye(d) * (sep**2 if overlap else 1.0)  # broad: soft responsibilities
+    with enable_x64():
+        p64 = gmm.make_params(np.full(k, 1 / k), centers + 0.2, cov, "tied")
+        s64, _ = gmm.e_step(p64, x, w, chunk_size=128)
+        c64 = np.asarray(gmm.m_step(s64, 0.0).covariances)
+        m64 = np.asarray(gmm.m_step(s64, 0.0).means)
+    p32 = gmm.make_params(np.full(k, 1 / k, np.float32), (centers + 0.2).astype(np.float32),
+                          cov.astype(np.float32), "tied")
+    s32, _ = gmm.e_step(p32, x.astype(np.float32), w.astype(np.float32), chunk_size=128)
+    new = gmm.m_step(s32, 0.0)
+    eps = np.finfo(np.float32).eps
+    scale = np.max(np.abs(np.diag(c64)))
+    # x − c itself rounds by eps·|x − c|: errors ~eps·(separation/σ) are float32's floor.
+    reach = 50 * eps * (1 + (abs(offset) + sep * np.sqrt(d)) / np.sqrt(scale))
+    assert np.max(np.abs(np.asarray(new.covariances) - c64)) <= reach * scale
+    np.testing.assert_allclose(new.means, m64, atol=50 * eps * (abs(offset) + 3 * sep + 3))
+
+
 def test_product_moments_check_trips_only_when_needed(rng):
     # Benign float32 data: the product form passes its check (the fast path runs). Three far
     # components collapsing on duplicates while only ceil(16/8) = 2 are taken exactly: the
