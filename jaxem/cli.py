@@ -249,7 +249,8 @@ def _parse_cov_types(spec: str) -> list[str]:
 
 def _search(x, ks, cov_types, n_init, seed, max_iter=100, tol=1e-3, reg_covar=1e-6,
             criterion="bic", progress=None):
-    """Every (K, type) by :func:`jaxem.select` (one program per type): the
+    """Every (K, type) by :func:`jaxem.select` (a program per type, or one for all on
+    small data): the
     :class:`jaxem.search.SearchResult`. The functional search, not the estimator: the
     command then never imports scikit-learn (0.7 s of a short run)."""
     from jaxem.search import select
@@ -672,8 +673,8 @@ def _select(args) -> int:
         args.n_init = search.default_n_init(x.shape[0])
     print(f"{args.data}: {x.shape[0]} samples x {x.shape[1]} features; K in {ks}, "
           f"covariance types {cov_types}, {args.n_init} vmapped restart(s) each")
-    print("one compiled program per covariance type; a line per model as each type "
-          "finishes:", flush=True)
+    print("one compiled program per covariance type (one for all on small data); a line "
+          "per model as each type finishes:", flush=True)
     t0 = time.perf_counter()
     compiled = _compile_totals()
     result = _search(x, ks, cov_types, args.n_init, args.seed, args.max_iter, args.tol,

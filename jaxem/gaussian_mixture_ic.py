@@ -2,7 +2,8 @@
 
 scikit-learn has no estimator that picks the number of components (its users have asked:
 scikit-learn issues #19338 and #4580); its docs loop over K and compare ``bic``. This one
-runs that loop as :func:`jaxem.select` — one compiled program per covariance type — and then
+runs that loop as :func:`jaxem.select` — one compiled program per covariance type, or one
+for all of them on small data — and then
 behaves as the chosen :class:`jaxem.GaussianMixture` (``predict``, ``score``, ``sample``,
 ``save``, ...), with the whole criteria table kept as ``criteria_``. Named after
 scikit-learn's ``LassoLarsIC``, which chooses its regularisation by an information criterion.

@@ -22,6 +22,7 @@ from jax import custom_batching
 
 from jaxem import _validation
 from jaxem._linalg import (
+    COVARIANCE_TYPES,
     PRECISION,
     covariances_from_precision_cholesky,
     log_det_precision_cholesky,
@@ -1190,7 +1191,9 @@ class GaussianMixtureModel:
             key, x, n_components, self.covariance_type, method=method, weights=weights, **kwargs
         )
 
-    def n_parameters(self, params: GMMParams):
+    def n_parameters(self, params: GMMParams, **hyper):
+        """Free parameters of the live components (``hyper``: the M-step's
+        hyperparameters, which do not change the count here)."""
         return n_parameters(params)
 
     def first_components(self, params: GMMParams, k: int) -> GMMParams:
@@ -1227,3 +1230,85 @@ class GaussianMixtureModel:
             pc = jnp.exp(u["log_precision_cholesky"])
         return GMMParams(jax.nn.softmax(u["log_weights"]), u["means"],
                          covariances_from_precision_cholesky(pc, cov_type), pc, cov_type)
+
+
+def structured_covariances(params: GMMParams, structure, reg_covar) -> GMMParams:
+    """Full-layout ``params`` whose covariances take the form of the covariance type
+    ``COVARIANCE_TYPES[structure]`` (``structure`` may be traced): each component's own
+    (full), the weight-averaged scatter shared by all slots (tied), the diagonal (diag),
+    the mean variance times the identity (spherical); ``reg_covar`` on every diagonal.
+
+    Applied to the full M-step's (or initialisation's) parameters this is that type's M-step
+    in full layout: ``Σ_k w_k (Σ_k − reg·I) + reg·I`` is tied's pooled scatter over N, the
+    diagonal of a full covariance is diag's variance, its mean spherical's. Dead slots keep a
+    unit covariance (tied: the shared one, as tied's own layout has no per-slot matrix).
+    """
+    cov = params.covariances
+    eye = jnp.eye(params.n_features, dtype=cov.dtype)
+    scatter = jnp.einsum("k,kde->de", params.weights, cov - reg_covar * eye,
+                         precision=PRECISION)
+    tied = jnp.broadcast_to(scatter + reg_covar * eye, cov.shape)
+    var = jnp.diagonal(cov, axis1=1, axis2=2)
+    diag = var[:, :, None] * eye
+    spherical = jnp.mean(var, axis=1)[:, None, None] * eye
+    index = jnp.asarray(structure).astype(jnp.int32)
+    cov = jnp.stack([cov, tied, diag, spherical])[index]
+    return GMMParams(params.weights, params.means, cov, precision_cholesky(cov, "full"), "full")
+
+
+def typed_params(params: GMMParams, covariance_type: str) -> GMMParams:
+    """The ``covariance_type`` layout of full-layout params that have that type's structure
+    (:func:`structured_covariances`), sliced on the host: no program runs."""
+    cov, pc = np.asarray(params.covariances), np.asarray(params.precisions_cholesky)
+    take = {"full": lambda a: a, "tied": lambda a: a[0],
+            "diag": lambda a: np.diagonal(a, axis1=1, axis2=2).copy(),
+            "spherical": lambda a: a[:, 0, 0].copy()}[covariance_type]
+    return GMMParams(np.asarray(params.weights), np.asarray(params.means), take(cov), take(pc),
+                     covariance_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyCovarianceModel(GaussianMixtureModel):
+    """A Gaussian mixture in full layout whose covariance type is *data*: the
+    hyperparameter ``structure``, an index into ``COVARIANCE_TYPES`` (``full``, ``tied``,
+    ``diag``, ``spherical``), projects every M-step and the initialisation onto that type
+    (:func:`structured_covariances`). One compiled program then serves all four types, which
+    is what a model search on small data needs (compiling a program per type costs seconds,
+    running it milliseconds). Each fit equals the typed model's fit (same keys) to rounding;
+    :func:`typed_params` gives back the type's own layout. Per iteration it costs what
+    ``full`` costs (K·D² per sample), so the search uses it only for small programs.
+    """
+
+    covariance_type: str = "full"
+
+    def __post_init__(self):
+        if self.covariance_type != "full":
+            raise ValueError("AnyCovarianceModel holds parameters in full layout: "
+                             f"covariance_type must be 'full', got {self.covariance_type!r}")
+        super().__post_init__()
+
+    def default_hyper(self) -> dict:
+        return {"reg_covar": 1e-6, "structure": 0}
+
+    def check_hyper(self, reg_covar=1e-6, structure=0, **unknown):
+        super().check_hyper(reg_covar, **unknown)
+        if structure not in range(len(COVARIANCE_TYPES)):
+            raise ValueError(f"structure must be an index into {COVARIANCE_TYPES}, "
+                             f"got {structure!r}")
+
+    def m_step(self, stats: GMMStats, reg_covar=1e-6, structure=0) -> GMMParams:
+        return structured_covariances(super().m_step(stats, reg_covar), structure, reg_covar)
+
+    def init(self, key, x, n_components: int, *, weights=None, method="kmeans",
+             reg_covar=1e-6, structure=0, **kwargs):
+        params = super().init(key, x, n_components, weights=weights, method=method,
+                              reg_covar=reg_covar, **kwargs)
+        return structured_covariances(params, structure, reg_covar)
+
+    def n_parameters(self, params: GMMParams, structure=0, **hyper):
+        """Free parameters of the live components for the type ``structure`` selects."""
+        k = jnp.sum(params.weights > 0).astype(jnp.int32)
+        d = params.n_features
+        counts = jnp.stack([jnp.asarray(n_covariance_parameters(t, k, d), jnp.int32)
+                            for t in COVARIANCE_TYPES])
+        return counts[jnp.asarray(structure).astype(jnp.int32)] + k * d + k - 1

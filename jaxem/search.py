@@ -3,8 +3,9 @@
 A mixture with ``K_max`` slots can run K live components with the rest dead (weight 0; see
 :class:`jaxem.gmm.GMMParams`), so the whole grid ``K ∈ ks`` × ``n_init`` restarts is one
 ``vmap`` of the EM loop over (number of live components, key) pairs: one compilation per
-covariance type, whatever the ks. The criteria are computed on device from each K's best
-restart:
+covariance type, whatever the ks — and for a small search one for all types, the type
+given as data (:class:`jaxem.gmm.AnyCovarianceModel`). The criteria are computed on device
+from each K's best restart:
 
     BIC = −2 log L + p log n         AIC = −2 log L + 2p
     ICL = BIC − 2 Σₙ wₙ log rₙ,ĉₙ     (ĉₙ the hard assignment; Biernacki, Celeux & Govaert 2000)
@@ -29,7 +30,13 @@ import numpy as np
 from jaxem import _validation, em
 from jaxem._linalg import COVARIANCE_TYPES
 from jaxem._padding import pad_rows
-from jaxem.gmm import HARD_INIT_METHODS, GaussianMixtureModel, initial_labels
+from jaxem.gmm import (
+    HARD_INIT_METHODS,
+    AnyCovarianceModel,
+    GaussianMixtureModel,
+    initial_labels,
+    typed_params,
+)
 from jaxem.kmeans import kmeans_plusplus, nearest_center, seeding_trials
 
 CRITERIA = ("bic", "aic", "icl")
@@ -45,6 +52,13 @@ CRITERIA = ("bic", "aic", "icl")
 SEARCH_TOL = 1e-6
 SMALL_SEARCH_ROWS = 10_000  # up to this many rows, restarts are nearly free
 SMALL_SEARCH_N_INIT, LARGE_SEARCH_N_INIT = 32, 4
+
+
+# Up to this many rows × mixture entries (em.mixture_entries: full layout) × members, the
+# covariance types share one program (gmm.AnyCovarianceModel). Its E-step costs what full's
+# does for every type; at this size 100 iterations of one type take ~1 s here, about what
+# compiling a program per type costs. (Old Faithful, K = 1..5, 64 restarts: 5.1e6.)
+SHARED_SEARCH_MAX_WORK = 2**23
 
 
 def default_n_init(n_rows: int) -> int:
@@ -203,7 +217,7 @@ def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max,
         hard = jnp.max(lj, axis=1) - log_norm  # log r at the hard assignment
         return (jnp.sum(w * jnp.where(w > 0, log_norm, 0.0)),
                 jnp.sum(w * jnp.where(w > 0, hard, 0.0)),
-                model.n_parameters(params))
+                model.n_parameters(params, **hyper))
 
     # Every member's log-likelihood at its final parameters, which the criteria are made
     # of. The best restart is chosen by it, not by the loop's last bound (taken one M-step
@@ -244,12 +258,15 @@ def select(
     AIC and ICL.
 
     One compiled program per covariance type runs all K and restarts at once (a ``vmap`` of
-    the EM loop over (K, restart) pairs in a ``max(ks)``-slot mixture); the rows are padded
+    the EM loop over (K, restart) pairs in a ``max(ks)``-slot mixture); a small search
+    (``em.small_program``) runs every type through one program, the type as data
+    (:class:`jaxem.gmm.AnyCovarianceModel`: compiling is most of a small search's time).
+    The rows are padded
     to a few sizes (:mod:`jaxem._padding`), so N, ``max_iter``, ``tol`` and the seed are not
     compile keys; the ks are only through their count and ``max(ks)`` (the slots), besides
-    ``n_init``, the data's width and the covariance type. With one ``init_method``, each cell equals
-    ``GaussianMixture(K, n_init=n_init, random_state=seed)`` fitted on its own (same keys,
-    same initialisation).
+    ``n_init``, the data's width and (unless shared) the covariance type. With one
+    ``init_method``, each cell equals ``GaussianMixture(K, n_init=n_init,
+    random_state=seed)`` fitted on its own (same keys, same initialisation).
 
     Args:
       x: (N, D) data.
@@ -317,6 +334,11 @@ def select(
     entries = em.mixture_entries(k_max, x.shape[1])
     quick_seeding = em.quick_compile(xp.shape[0], entries, members)  # no EM loop
     quick = em.quick_compile(xp.shape[0], entries, members, max_iter)
+    # A small search runs every type through one program, the covariance type as data
+    # (gmm.AnyCovarianceModel): compiling a program per type was most of its time (Old
+    # Faithful, K = 1..5 × 4 types: 4 programs 4.3 s of a 6.5 s cold search). Larger ones
+    # compile a program per type, each running its own type's cheaper E-step.
+    shared = len(types) > 1 and xp.shape[0] * entries * members <= SHARED_SEARCH_MAX_WORK
     # Hard seedings (k-means, k-means++, random_from_data) once for every type.
     if all(m in HARD_INIT_METHODS for m in methods):
         seeding = _seeding_jit_quick if quick_seeding else _seeding_jit
@@ -344,8 +366,8 @@ def select(
         cells = jax.device_get(best.params)  # sliced on the host: no program per cell
         for i, k in enumerate(ks):
             lower_bounds[k, cov_type] = history[i, :n_iter[i]]
-            one = jax.tree_util.tree_map(lambda a, i=i: a[i], cells)
-            params[k, cov_type] = model.first_components(one, k)
+            one = model.first_components(jax.tree_util.tree_map(lambda a, i=i: a[i], cells), k)
+            params[k, cov_type] = typed_params(one, cov_type) if shared else one
         if progress is not None:
             progress(TypeFitted(cov_type, j, len(types), time.perf_counter() - started, ks,
                                 *(tables[name][:, j].copy() for name in ("bic", "aic", "icl")),
@@ -358,10 +380,14 @@ def select(
     pending = None
     for j, cov_type in enumerate(types):
         started = time.perf_counter()
-        model = GaussianMixtureModel(cov_type, chunk_size).with_batch(members,
-                                                                      em.RESTARTS_AXIS)
-        inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter,
-                         hyper={"reg_covar": reg_covar})
+        if shared:
+            model = AnyCovarianceModel(chunk_size=chunk_size)
+            hyper = {"reg_covar": reg_covar, "structure": COVARIANCE_TYPES.index(cov_type)}
+        else:
+            model = GaussianMixtureModel(cov_type, chunk_size)
+            hyper = {"reg_covar": reg_covar}
+        model = model.with_batch(members, em.RESTARTS_AXIS)
+        inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter, hyper=hyper)
         program = _search_jit_quick if quick else _search_jit
         outputs = program(
             model, inp.x, inp.weights, key, n_live, inp.tol, em.host_array(max_iter, np.int32),

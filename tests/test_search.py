@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_blobs
-from helpers import log_joint_oracle
+from helpers import log_joint_oracle, tree_allclose
 from test_em import _count_conds
 
 import jaxem
@@ -56,6 +56,32 @@ def test_k_live_components_in_a_larger_program_equal_the_k_program(x64, rng, cov
     assert gmm.n_parameters(big.params) == gmm.n_parameters(small.params)
 
 
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_the_covariance_type_as_data_fits_each_type_as_its_own_model(x64, rng, cov_type):
+    # gmm.AnyCovarianceModel: full layout, the type an index among the hyperparameters, so
+    # one program serves the four types of a small search. Initialisation, every
+    # iteration's log-likelihood, the final parameters (in the type's own layout) and the
+    # parameter count equal the typed model's, dead slots and weights included.
+    x = make_blobs(rng, n_per=40, k=3, d=3)
+    w = rng.uniform(0.2, 2.0, len(x))
+    key = jax.random.PRNGKey(2)
+    typed, shared = gmm.GaussianMixtureModel(cov_type), gmm.AnyCovarianceModel()
+    structure = gmm.COVARIANCE_TYPES.index(cov_type)
+    p_typed = typed.init(key, x, 4, weights=w, method="k-means++", n_live=3)
+    p_any = shared.init(key, x, 4, weights=w, method="k-means++", n_live=3,
+                        structure=structure)
+    assert tree_allclose(gmm.typed_params(p_any, cov_type), p_typed, rtol=1e-10, atol=1e-12)
+    a = jaxem.fit(typed, x, p_typed, weights=w, tol=1e-10, max_iter=40)
+    b = jaxem.fit(shared, x, p_any, weights=w, tol=1e-10, max_iter=40, structure=structure)
+    assert int(a.n_iter) == int(b.n_iter)
+    np.testing.assert_allclose(b.lower_bounds, a.lower_bounds, rtol=1e-10)
+    assert tree_allclose(gmm.typed_params(b.params, cov_type), a.params, rtol=1e-9, atol=1e-11)
+    assert int(shared.n_parameters(b.params, structure=structure)) == gmm.n_parameters(a.params)
+    assert np.all(np.asarray(b.params.weights)[3:] == 0)  # the dead slot stays dead
+    with pytest.raises(ValueError, match="structure must be an index"):
+        jaxem.fit(shared, x, p_any, structure=4)
+
+
 @pytest.mark.parametrize("method", ["kmeans", "k-means++", "random"])
 def test_init_of_n_live_slots_equals_the_n_live_component_init(x64, rng, method):
     x = make_blobs(rng, n_per=40, k=4, d=2)
@@ -79,16 +105,17 @@ def _programs():
 def test_a_search_is_one_program_per_type_and_each_cell_equals_its_own_fit(x64, rng):
     x = make_blobs(rng, n_per=50, k=3, d=2)
     before = _programs()
-    result = jaxem.select(x, range(1, 7), ["full", "diag"], n_init=2, seed=4, tol=1e-3,
+    result = jaxem.select(x, range(1, 7), COV_TYPES, n_init=2, seed=4, tol=1e-3,
                           init_method="kmeans")  # the estimator's tol
-    assert _programs() - before <= 2
+    # Small: the four types share one program, the type as data (gmm.AnyCovarianceModel).
+    assert _programs() - before == 1
     # Another N in the same row bucket, another seed, tol and max_iter: no new program.
-    again = jaxem.select(x[:140], range(1, 7), ["full", "diag"], n_init=2, seed=5, tol=1e-4,
+    again = jaxem.select(x[:140], range(1, 7), COV_TYPES, n_init=2, seed=5, tol=1e-4,
                          max_iter=60, init_method="kmeans")
-    assert _programs() - before <= 2
-    assert again.bic.shape == (6, 2)
+    assert _programs() - before == 1
+    assert again.bic.shape == (6, 4)
     for k in (1, 3, 6):
-        for j, cov_type in enumerate(["full", "diag"]):
+        for j, cov_type in enumerate(COV_TYPES):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 gm = jaxem.GaussianMixture(k, covariance_type=cov_type, n_init=2,
@@ -108,6 +135,28 @@ def test_a_search_is_one_program_per_type_and_each_cell_equals_its_own_fit(x64, 
                                    rtol=1e-9)
     best = np.unravel_index(np.argmin(result.bic), result.bic.shape)
     assert result.best == (result.ks[best[0]], result.covariance_types[best[1]]) == (3, "full")
+
+
+def test_larger_searches_compile_a_program_per_type_with_the_same_results(x64, rng,
+                                                                         monkeypatch):
+    # Beyond search.SHARED_SEARCH_MAX_WORK each type runs its own program (its own,
+    # cheaper E-step); the table is the shared program's.
+    x = make_blobs(rng, n_per=30, k=3, d=2)
+    settings = dict(n_init=2, seed=3, tol=1e-6, init_method="kmeans")
+    before = _programs()
+    shared = jaxem.select(x, [1, 2, 3], COV_TYPES, **settings)
+    assert _programs() - before == 1
+    monkeypatch.setattr(search, "SHARED_SEARCH_MAX_WORK", 0)
+    typed = jaxem.select(x, [1, 2, 3], COV_TYPES, **settings)
+    assert _programs() - before == 1 + len(COV_TYPES)
+    for name in ("bic", "aic", "icl", "log_likelihood"):
+        np.testing.assert_allclose(typed.table(name) if name != "log_likelihood" else
+                                   typed.log_likelihood, getattr(shared, name), rtol=1e-9)
+    np.testing.assert_array_equal(typed.n_iter, shared.n_iter)
+    np.testing.assert_array_equal(typed.n_parameters, shared.n_parameters)
+    for cell, params in typed.params.items():
+        assert params.covariance_type == shared.params[cell].covariance_type
+        assert tree_allclose(params, shared.params[cell], rtol=1e-8, atol=1e-10)
 
 
 def test_search_validates_before_compiling(rng):
