@@ -784,8 +784,8 @@ def _add_fit_options(p, k_default=None):
     if k_default:  # a search: jaxem.select's defaults (chosen to find mclust's optima)
         p.add_argument("--n-init", type=int, default=None,
                        help=f"vmapped restarts per model (default "
-                            f"{search.SMALL_SEARCH_N_INIT} up to {search.SMALL_SEARCH_ROWS:,} "
-                            f"rows, else {search.LARGE_SEARCH_N_INIT})")
+                            f"{search.MAX_SEARCH_N_INIT} up to 1,024 rows, halved as the rows "
+                            f"double, at least {search.MIN_SEARCH_N_INIT})")
     else:
         p.add_argument("--n-init", type=int, default=1, help="vmapped restarts (default 1)")
     p.add_argument("--max-iter", type=int, default=100, help="EM iteration cap (default 100)")

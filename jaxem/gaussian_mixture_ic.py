@@ -37,7 +37,8 @@ class GaussianMixtureIC(GaussianMixture):
         :func:`jaxem.select`'s ``init_method``.
       tol, reg_covar, max_iter, n_init, random_state, chunk_size: as
         :class:`jaxem.GaussianMixture`'s, for every candidate, except the defaults of
-        ``tol`` (1e-6) and ``n_init`` (None: 32 restarts up to 10,000 rows, else 4), which
+        ``tol`` (1e-6) and ``n_init`` (None: 64 restarts up to 1,024 rows, halved as the
+        rows double, at least 4; :func:`jaxem.search.default_n_init`), which
         are :func:`jaxem.select`'s: chosen to find mclust's optima (README "Model search").
       verbose: ``>= 1`` prints a line per covariance type as its program finishes (its
         lowest BIC), then the criterion's table and the choice.

@@ -45,13 +45,15 @@ CRITERIA = ("bic", "aic", "icl")
 # search"): on Old Faithful, iris and standardised wine, K = 1..9 × 4 types (105 cells
 # mclust fits), the cells worse than R's mclust by more than 0.5 in BIC were 41 with
 # scikit-learn's one restart and tol = 1e-3, 11 with 16 restarts, 2 with 16 restarts and
-# tol = 1e-5, 1 with 16 or 32 restarts and tol = 1e-6 (32: 0.7 off), none with 64 (at twice
-# the run time). A criterion compares total log-likelihoods to within ~1, i.e. mean
+# tol = 1e-5, 1 with 16 to 48 restarts and tol = 1e-6 (wine, tied, K = 7: 0.7 off), none
+# with 64. A criterion compares total log-likelihoods to within ~1, i.e. mean
 # log-likelihoods to ~1/N: the estimator's tol = 1e-3 stops slow fits far from their
-# optimum.
+# optimum. Restarts cost run time in proportion to the rows (N = 2,000, D = 4, K = 1..9 × 4
+# types: 16 s with 32 restarts, 36 s with 64), so their number falls as the rows grow:
+# SEARCH_RESTART_ROWS // rows, a power of two between the two bounds.
 SEARCH_TOL = 1e-6
-SMALL_SEARCH_ROWS = 10_000  # up to this many rows, restarts are nearly free
-SMALL_SEARCH_N_INIT, LARGE_SEARCH_N_INIT = 32, 4
+SEARCH_RESTART_ROWS = 2**16
+MAX_SEARCH_N_INIT, MIN_SEARCH_N_INIT = 64, 4
 
 
 # Up to this many rows × mixture entries (em.mixture_entries: full layout) × members, the
@@ -62,10 +64,12 @@ SHARED_SEARCH_MAX_WORK = 2**23
 
 
 def default_n_init(n_rows: int) -> int:
-    """Restarts per (K, type) when none are given: 32 up to :data:`SMALL_SEARCH_ROWS` rows
-    (what it takes to match mclust's optima on small real data), 4 beyond (each restart
-    costs as much as a fit)."""
-    return SMALL_SEARCH_N_INIT if n_rows <= SMALL_SEARCH_ROWS else LARGE_SEARCH_N_INIT
+    """Restarts per (K, type) when none are given: 64 up to 1,024 rows (what it takes to
+    match mclust's optima on small real data), then halved as the rows double
+    (:data:`SEARCH_RESTART_ROWS` ÷ rows, a power of two: 32 at 2,000 rows, 8 at 8,000),
+    at least 4 (from 16,384 rows on). Powers of two, since the count is a compile key."""
+    fits = max(SEARCH_RESTART_ROWS // max(n_rows, 1), 1)
+    return max(MIN_SEARCH_N_INIT, min(MAX_SEARCH_N_INIT, 1 << (fits.bit_length() - 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +278,7 @@ def select(
       covariance_types: a type, a sequence of them, or ``"all"``.
       criterion: ``"bic"``, ``"aic"`` or ``"icl"``: what ``best`` minimises.
       n_init: restarts per (K, type); the best by final log-likelihood is kept. Default
-        :func:`default_n_init`: 32 up to 10,000 rows, else 4.
+        :func:`default_n_init`: 64 up to 1,024 rows, halved as the rows double, at least 4.
       init_method: ``k-means++`` (default: seeds without Lloyd iterations, so restarts
         start apart; measured to find better optima than ``kmeans`` in most cells of real
         data, see the README), ``kmeans``, ``random`` or ``random_from_data``, or a tuple

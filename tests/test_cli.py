@@ -238,8 +238,8 @@ def test_select_table_choice_plot_and_model(data_files, tmp_path):
         assert float(ln[3]) == pytest.approx(values[k - 1, cov_types.index(ct)], abs=0.05)
     assert "[1/2] full: 2 model(s) in" in progress and "[2/2] diag" in progress
     # the saved model keeps the search's settings for its K and type
-    # (the search's defaults for small data: 32 restarts, tol 1e-6)
-    assert (gm.n_init, gm.random_state, gm.max_iter, gm.init_params) == (32, 0, 100, "k-means++")
+    # (the search's defaults for small data: 64 restarts, tol 1e-6)
+    assert (gm.n_init, gm.random_state, gm.max_iter, gm.init_params) == (64, 0, 100, "k-means++")
     assert gm.tol == 1e-6
     assert not hasattr(gm, "feature_names_in_")  # a .npy file has no column names
 

@@ -396,8 +396,19 @@ def test_each_cell_keeps_the_restart_with_the_best_final_log_likelihood(x64):
 
 
 def test_search_defaults_depend_on_the_number_of_rows():
-    assert search.default_n_init(272) == search.SMALL_SEARCH_N_INIT == 32
-    assert search.default_n_init(search.SMALL_SEARCH_ROWS + 1) == search.LARGE_SEARCH_N_INIT
+    # 64 restarts on small data (mclust's optima in every cell of the benchmark), fewer as
+    # the rows grow: a power of two (a compile key), never more restarts for more rows,
+    # restarts × rows bounded once past the maximum, at least the minimum.
+    assert search.default_n_init(272) == search.MAX_SEARCH_N_INIT == 64
+    assert search.default_n_init(1) == 64
+    assert search.default_n_init(2_000) == 32 and search.default_n_init(8_000) == 8
+    assert search.default_n_init(10**7) == search.MIN_SEARCH_N_INIT == 4
+    previous = search.MAX_SEARCH_N_INIT
+    for n in np.unique(np.geomspace(1, 10**6, 400).astype(int)):
+        r = search.default_n_init(int(n))
+        assert r & (r - 1) == 0 and r <= previous
+        assert r == search.MIN_SEARCH_N_INIT or r * n <= search.SEARCH_RESTART_ROWS
+        previous = r
     gm = jaxem.GaussianMixtureIC()
     assert gm.n_init is None and gm.tol == search.SEARCH_TOL
     with pytest.raises(ValueError, match="n_init"):
