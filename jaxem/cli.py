@@ -344,8 +344,8 @@ def _demo(args) -> int:
                      progress=_print_type)
     bic = result.bic
     k, cov_type, i, j, params = _chosen(result)
-    print(f"done in {time.perf_counter() - t0:.1f} s (one compiled program per covariance "
-          "type)")
+    print(f"done in {time.perf_counter() - t0:.1f} s (all K and restarts in one compiled "
+          "program; on data this small, all covariance types too)")
     if args.verbose:
         print(_compile_line(compiled))
     print()
