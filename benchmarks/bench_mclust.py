@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-k", type=int, default=9)
     parser.add_argument("--n-init", type=int, help="default: the search's")
     parser.add_argument("--tol", type=float, help="default: the search's")
+    parser.add_argument("--screen", help="ITERATIONS,KEPT or 'off' (default: the search's)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refresh", action="store_true",
                         help="rerun mclust through Rscript and rewrite the reference table")
     args = parser.parse_args(argv)
@@ -124,6 +126,11 @@ def main(argv=None) -> int:
         refresh(names)
     ref = reference()
     settings = {k: v for k, v in (("n_init", args.n_init), ("tol", args.tol)) if v is not None}
+    if args.screen:
+        settings["screen"] = (None if args.screen == "off"
+                              else tuple(int(v) for v in args.screen.split(",")))
+    if args.seed:
+        settings["seed"] = args.seed
     print(f"jaxem.select, K = 1..{args.max_k} x 4 types, settings: {settings or 'defaults'}")
     total = total_worse = 0
     for name, x in datasets(names).items():

@@ -189,14 +189,18 @@ def history_size(max_iter: int) -> int:
 
 def run(model, x, weights, params, tol, max_iter, hyper, axis_name=None,
         progress: Progress | None = None, restart=0, lower_bound=-jnp.inf,
-        param_tol=None, n_history: int | None = None) -> FitResult:
+        param_tol=None, n_history: int | None = None,
+        state: FitResult | None = None) -> FitResult:
     """The EM loop itself; traced inside jit (and vmap for restarts, shard_map for devices).
 
     ``lower_bound`` and ``param_tol``: see :func:`initial_state` and :func:`em_step`.
     ``n_history`` (static): the history buffer's length, ``>= max_iter``, which may then be
     traced; the whole buffer is returned. ``None``: ``max_iter`` (a Python int), and the
-    history is exactly ``max_iter`` long.
+    history is exactly ``max_iter`` long. ``state``: a loop state to go on from (a run
+    stopped by a smaller ``max_iter``, with the same ``n_history``) instead of a fresh one
+    from ``params``: the run then goes on exactly as if it had not stopped.
     """
+    params = params if state is None else state.params
     tol = jnp.asarray(tol, ll_dtype(params))
 
     def cond(s: FitResult):
@@ -215,7 +219,9 @@ def run(model, x, weights, params, tol, max_iter, hyper, axis_name=None,
 
     sized = n_history is not None
     n_history = n_history if sized else max_iter
-    out = jax.lax.while_loop(cond, body, initial_state(params, n_history, lower_bound))
+    if state is None:
+        state = initial_state(params, n_history, lower_bound)
+    out = jax.lax.while_loop(cond, body, state)
     return out if sized else out._replace(lower_bounds=out.lower_bounds[:max_iter])
 
 

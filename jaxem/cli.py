@@ -213,6 +213,23 @@ def write_array(a: np.ndarray, out, fmt: str = "%.10g") -> None:
         raise ValueError(f"--out {out}: use a .npy or .csv file name")
 
 
+def _parse_screen(spec: str | None) -> tuple[int, int] | None:
+    """``--screen``: ``ITERATIONS,KEPT`` or ``off`` (None: the search's default)."""
+    if spec is None:
+        return search.SEARCH_SCREEN
+    if spec.strip().lower() == "off":
+        return None
+    parts = spec.split(",")
+    try:
+        screen = tuple(int(v) for v in parts)
+    except ValueError:
+        screen = ()
+    if len(screen) != 2 or min(screen) < 1:
+        raise ValueError(f"--screen must be ITERATIONS,KEPT (two positive integers) or off, "
+                         f"got {spec!r}")
+    return screen
+
+
 def _parse_k_range(spec: str, n_samples: int | None = None) -> list[int] | None:
     """The K of ``--k`` (``a:b`` inclusive, or ``a,b,c``), checked against ``n_samples``
     before the list is made (a range to 10⁹ is refused, not allocated). Without
@@ -248,7 +265,7 @@ def _parse_cov_types(spec: str) -> list[str]:
 
 
 def _search(x, ks, cov_types, n_init, seed, max_iter=100, tol=1e-3, reg_covar=1e-6,
-            criterion="bic", progress=None):
+            criterion="bic", progress=None, screen=search.SEARCH_SCREEN):
     """Every (K, type) by :func:`jaxem.select` (a program per type, or one for all on
     small data): the
     :class:`jaxem.search.SearchResult`. The functional search, not the estimator: the
@@ -260,7 +277,8 @@ def _search(x, ks, cov_types, n_init, seed, max_iter=100, tol=1e-3, reg_covar=1e
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported per cell by the caller, not as a stack
         return select(x, ks, cov_types, criterion=criterion, n_init=n_init, seed=seed,
-                      max_iter=max_iter, tol=tol, reg_covar=reg_covar, progress=progress)
+                      max_iter=max_iter, tol=tol, reg_covar=reg_covar, progress=progress,
+                      screen=screen)
 
 
 def _print_models(done) -> None:
@@ -665,6 +683,7 @@ def _named(x: np.ndarray, names: list[str] | None) -> np.ndarray:
 def _select(args) -> int:
     _enable_float64(args)
     _parse_k_range(args.k)  # its syntax, before the data are read
+    screen = _parse_screen(args.screen)
     cov_types = _parse_cov_types(args.covariance_type)
     _check_fit_options(args)
     x, names = load_data(args.data, args.columns, args.drop, with_names=True)
@@ -678,7 +697,8 @@ def _select(args) -> int:
     t0 = time.perf_counter()
     compiled = _compile_totals()
     result = _search(x, ks, cov_types, args.n_init, args.seed, args.max_iter, args.tol,
-                     args.reg_covar, args.criterion, progress=_print_models)
+                     args.reg_covar, args.criterion, progress=_print_models,
+                     screen=screen)
     k, cov_type, i, j, params = _chosen(result)
     print(f"done in {time.perf_counter() - t0:.1f} s")
     if args.verbose:
@@ -789,6 +809,11 @@ def _add_fit_options(p, k_default=None):
     else:
         p.add_argument("--n-init", type=int, default=1, help="vmapped restarts (default 1)")
     p.add_argument("--max-iter", type=int, default=100, help="EM iteration cap (default 100)")
+    if k_default:
+        p.add_argument("--screen", metavar="ITERATIONS,KEPT",
+                       help="run every restart this many iterations, then only the best KEPT "
+                            "per model to the end; 'off': every restart to the end (default "
+                            f"{','.join(map(str, search.SEARCH_SCREEN))})")
     tol = search.SEARCH_TOL if k_default else 1e-3
     p.add_argument("--tol", type=float, default=tol,
                    help=f"stop when the mean log-likelihood changes less (default {tol:g})")

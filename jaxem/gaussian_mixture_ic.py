@@ -42,6 +42,7 @@ class GaussianMixtureIC(GaussianMixture):
         are :func:`jaxem.select`'s: chosen to find mclust's optima (README "Model search").
       verbose: ``>= 1`` prints a line per covariance type as its program finishes (its
         lowest BIC), then the criterion's table and the choice.
+      screen: ``(iterations, kept)`` or ``None``: see :func:`jaxem.select`.
 
     Attributes (after ``fit``), besides those of :class:`jaxem.GaussianMixture` for the
     chosen model:
@@ -67,6 +68,7 @@ class GaussianMixtureIC(GaussianMixture):
         random_state=None,
         verbose=0,
         chunk_size=None,
+        screen=search.SEARCH_SCREEN,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -79,6 +81,7 @@ class GaussianMixtureIC(GaussianMixture):
         self.random_state = random_state
         self.verbose = verbose
         self.chunk_size = chunk_size
+        self.screen = screen
 
     def _check_parameters(self):
         search.check_ks(self.n_components)
@@ -124,6 +127,7 @@ class GaussianMixtureIC(GaussianMixture):
             init_method=self.init_params, weights=sample_weight, tol=self.tol,
             max_iter=self.max_iter, reg_covar=self.reg_covar, seed=_seed(self.random_state),
             chunk_size=self.chunk_size, progress=_print_type if self.verbose else None,
+            screen=self.screen,
         )
         self.search_ = result
         self.criteria_ = {

@@ -308,6 +308,8 @@ def test_errors_are_one_line_and_non_zero(data_files, tmp_path):
         (["fit", str(d / "x.npy"), "-k", "two"], "invalid int value"),
         (["fit", str(d / "header.csv"), "--columns", "nope"], "no column named 'nope'"),
         (["select", str(d / "x.npy"), "--k", "0:3"], "every K must be >= 1"),
+        (["select", str(d / "absent.npy"), "--screen", "10,0"], "--screen must be"),
+        (["select", str(d / "x.npy"), "--screen", "ten"], "--screen must be"),
         (["predict", str(tmp_path / "junk.npz"), str(d / "x.npy")], "not a readable"),
         (["predict", str(tmp_path / "absent.npz"), str(d / "x.npy")], "no model file"),
         (["sample", str(tmp_path / "junk.npz"), "-n", "0"], "must be >= 1"),

@@ -395,6 +395,50 @@ def test_each_cell_keeps_the_restart_with_the_best_final_log_likelihood(x64):
     assert disagree >= 1
 
 
+def test_screening_runs_on_the_best_short_runs_exactly(x64):
+    """screen=(s, keep): every restart runs s iterations, the keep with the highest bound
+    per cell go on to max_iter exactly as if never stopped; the cell is the best of those
+    by final log-likelihood. Checked against each restart's own fit (the estimator's
+    restarts, same keys): after s iterations, and to the end."""
+    x = make_blobs(np.random.default_rng(5), n_per=30, k=3, d=2, sep=2.5)
+    common = dict(n_init=6, seed=2, tol=1e-8, init_method="kmeans")
+    ks, types = [2, 4], ["full", "diag"]
+    everything = jaxem.select(x, ks, types, max_iter=40, screen=None, **common)
+    keep_all = jaxem.select(x, ks, types, max_iter=40, screen=(3, 6), **common)
+    np.testing.assert_array_equal(keep_all.bic, everything.bic)  # nothing dropped: one loop
+    screened = jaxem.select(x, ks, types, max_iter=40, screen=(3, 2), **common)
+    differs = 0
+    for i, k in enumerate(ks):
+        for j, cov_type in enumerate(types):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fits = [jaxem.GaussianMixture(k, covariance_type=cov_type, n_init=6,
+                                              random_state=2, tol=1e-8, max_iter=m).fit(x)
+                        for m in (3, 40)]
+            model = gmm.GaussianMixtureModel(cov_type)
+            short = np.asarray(fits[0].fit_result_.restarts.lower_bound)
+            runs = fits[1].fit_result_.restarts
+            finals = np.array([float(np.mean(jax.nn.logsumexp(model.log_joint(
+                model.first_components(jax.tree_util.tree_map(lambda a, r=r: a[r],
+                                                              runs.params), k), x), axis=1)))
+                for r in range(6)])
+            kept = np.argsort(-short)[:2]
+            assert screened.log_likelihood[i, j] == pytest.approx(finals[kept].max(), rel=1e-10)
+            assert everything.log_likelihood[i, j] == pytest.approx(finals.max(), rel=1e-10)
+            differs += int(finals[kept].max() < finals.max() - 1e-9)
+    assert differs >= 1  # the data make screening drop a cell's best restart somewhere
+    # The estimator and the command pass it on.
+    gm = jaxem.GaussianMixtureIC(ks, covariance_type=types, n_init=6, random_state=2,
+                                 tol=1e-8, max_iter=40, init_params="kmeans",
+                                 screen=(3, 2)).fit(x)
+    np.testing.assert_array_equal(gm.criteria_["bic"], screened.bic)
+    assert gm.get_params()["screen"] == (3, 2)
+    with pytest.raises(TypeError, match="screen"):
+        jaxem.select(x, ks, types, screen=3)
+    with pytest.raises(ValueError, match="kept runs"):
+        jaxem.select(x, ks, types, screen=(3, 0))
+
+
 def test_search_defaults_depend_on_the_number_of_rows():
     # 64 restarts on small data (mclust's optima in every cell of the benchmark), fewer as
     # the rows grow: a power of two (a compile key), never more restarts for more rows,
