@@ -13,7 +13,8 @@ from each K's best restart:
 with ``log L`` the (weighted) log-likelihood at the final parameters, ``p`` the number of
 free parameters of the live components and ``n`` the (weighted) number of samples; lower is
 better for all three, as in scikit-learn. The search is generic over the model contract: a
-model whose ``init`` takes ``n_live`` and whose ``n_parameters`` counts live components.
+model whose ``init`` takes ``n_live`` and whose ``n_parameters`` counts live components
+(given the hyperparameters, as the model whose covariance type is one of them needs).
 """
 
 from __future__ import annotations
