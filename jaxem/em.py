@@ -87,11 +87,18 @@ def _over_devices(fn, mesh: Mesh | None):
 SMALL_PROGRAM_MAX_WORK = 2**22
 # Small programs are compiled with LLVM's optimisation off (QUICK_COMPILE_OPTIONS), which
 # on the 2-core CPU cuts a search program's compile from 0.77 to 0.48 s and a k-means++
-# seeding's from 0.86 to 0.56 s; their run time (1-3 ms) stays negligible. JAXEM_QUICK_COMPILE=0
-# turns it off. (The XLA aborts once blamed on it were the process running out of memory
-# mappings, which a faster compiler reaches sooner: see jaxem/_cache.py.)
+# seeding's from 0.86 to 0.56 s; their run time (1-3 ms) stays negligible. They also use
+# XLA:CPU's older LLVM IR emitters instead of its MLIR fusion emitters, which build every
+# fusion (~170 of them in an iris fit) as its own module through MLIR: the iris fit's
+# program compiles in 0.35-0.37 s instead of 0.97-1.19 s. (Not for the large programs: there
+# the older emitters ran full and tied 1.3-1.9x slower per iteration at N = 1e5, diag and
+# spherical 1.2-1.9x faster; see benchmarks/README.md.) On other backends the CPU option is
+# ignored. JAXEM_QUICK_COMPILE=0 turns both off. (The XLA aborts once blamed on quick
+# compiles were the process running out of memory mappings, which a faster compiler reaches
+# sooner: see jaxem/_cache.py.)
 QUICK_COMPILE_ENV = "JAXEM_QUICK_COMPILE"
-QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
+                         "xla_cpu_use_fusion_emitters": False}
 
 
 def mixture_entries(n_components: int, n_features: int) -> int:
