@@ -112,9 +112,9 @@ def time_jaxem(x, init, cov_type, iters, repeats, dtype, chunk_size, n_init=1, r
         key = jax.random.PRNGKey(0)
         model = model.with_batch(n_init, em.RESTARTS_AXIS)  # as fit_restarts does
         n_iter = jnp.int32(iters)
-        lowered = em._restarts_jit.lower(model, x, None, key, tol, n_iter, n_init, len(w),
-                                         "random_from_data", {}, hyper,
-                                         n_history=em.history_size(iters))
+        lowered = em._restarts_programs.default.lower(
+            model, x, None, key, tol, n_iter, n_init, len(w), "random_from_data", {}, hyper,
+            n_history=em.history_size(iters))
         dynamic = (x, None, key, tol, n_iter, {}, hyper)
     t = time.perf_counter()
     compiled = lowered.compile()

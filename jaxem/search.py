@@ -196,7 +196,7 @@ def _seeding_program(x, weights, key, n_live, group_live, group_of, k_max, n_ini
     return tuple(out)
 
 
-_seeding_jit, _seeding_jit_quick = em.jit_pair(_seeding_program,
+_seeding_programs = em.jit_variants(_seeding_program,
                                                ("k_max", "n_init", "methods"))
 
 
@@ -266,7 +266,7 @@ def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max,
     return best, pick(kept), pick(log_lik), pick(log_r_hard), pick(n_params)
 
 
-_search_jit, _search_jit_quick = em.jit_pair(
+_search_programs = em.jit_variants(
     _search_program, ("model", "k_max", "n_init", "init_method", "n_history", "screen_keep"))
 
 
@@ -376,11 +376,9 @@ def select(
     members = len(ks) * n_init * len(methods)
     # Screening only where it drops runs (else every run goes to the end, one loop).
     screen_keep = screen[1] if screen and screen[1] < n_init * len(methods) else None
-    # Small programs compile quickly (-O0), unless their EM loop runs long (em.small_program);
-    # the seeding has no EM loop.
+    # Small programs compile quickly (em.compile_variant: -O0 unless their EM loop runs
+    # long; the seeding has no EM loop).
     entries = em.mixture_entries(k_max, x.shape[1])
-    quick_seeding = em.quick_compile(xp.shape[0], entries, members)  # no EM loop
-    quick = em.quick_compile(xp.shape[0], entries, members, max_iter)
     # A small search runs every type through one program, the covariance type as data
     # (gmm.AnyCovarianceModel): compiling a program per type was most of its time (Old
     # Faithful, K = 1..5 × 4 types: 4 programs 4.3 s of a 6.5 s cold search). Larger ones
@@ -388,7 +386,7 @@ def select(
     shared = len(types) > 1 and xp.shape[0] * entries * members <= SHARED_SEARCH_MAX_WORK
     # Hard seedings (k-means, k-means++, random_from_data) once for every type.
     if all(m in HARD_INIT_METHODS for m in methods):
-        seeding = _seeding_jit_quick if quick_seeding else _seeding_jit
+        seeding = _seeding_programs.pick(xp.shape[0], entries, members)  # no EM loop
         group_live, group_of = _trial_groups(ks, k_max)
         labels = seeding(jax.device_put(xp), jax.device_put(wp), key, n_live, group_live, group_of,
                          k_max, n_init, methods)
@@ -435,7 +433,7 @@ def select(
             hyper = {"reg_covar": reg_covar}
         model = model.with_batch(members, em.RESTARTS_AXIS)
         inp = em.prepare(model, xp, None, weights=wp, tol=tol, max_iter=max_iter, hyper=hyper)
-        program = _search_jit_quick if quick else _search_jit
+        program = _search_programs.pick(xp.shape[0], entries, members, max_iter)
         outputs = program(
             model, inp.x, inp.weights, key, n_live, inp.tol, em.host_array(max_iter, np.int32),
             inp.hyper, k_max, n_init, methods, em.history_size(max_iter), labels,

@@ -83,7 +83,7 @@ def test_calls_that_cannot_be_keyed_are_not_stored():
     jax.jit(lambda a: seen.append(_cache._leaf_key(a, device)) or a)(np.ones(2))
     assert seen == [None]
     # and the keys differ with everything the program depends on
-    program = em._restarts_jit
+    program = em._restarts_programs.default
     args = {"n_init": 2, "x": np.zeros((4, 2), np.float32)}
     key = program._key(args, {"x": args["x"]})
     assert key != program._key({**args, "n_init": 3}, {"x": args["x"]})
@@ -130,7 +130,7 @@ def test_compiled_programs_are_dropped_before_the_memory_mappings_run_out(monkey
     x = np.random.default_rng(0).normal(size=(50, 2))
     jaxem.fit_restarts(jaxem.GaussianMixtureModel("diag"), x, jax.random.PRNGKey(0),
                        n_components=2, n_init=1)
-    before = em._restarts_jit._cache_size() + em._restarts_jit_quick._cache_size()
+    before = em._restarts_programs.cache_size()
     assert before >= 1
     limit = _cache._maps.setdefault("limit", _cache._map_limit())
     monkeypatch.setitem(_cache._maps, "limit", limit)
@@ -142,7 +142,7 @@ def test_compiled_programs_are_dropped_before_the_memory_mappings_run_out(monkey
     released = _cache._maps["released"]
     assert _cache.release_programs_if_crowded(force_check=True)
     assert _cache._maps["released"] == released + 1
-    assert em._restarts_jit._cache_size() + em._restarts_jit_quick._cache_size() == 0
+    assert em._restarts_programs.cache_size() == 0
     # and the drivers call it: after enough compilations, the next fit releases first
     monkeypatch.setitem(_cache._maps, "compiled", _cache.MAPS_CHECK_EVERY)
     jaxem.fit_restarts(jaxem.GaussianMixtureModel("diag"), x, jax.random.PRNGKey(0),

@@ -95,11 +95,11 @@ def test_init_of_n_live_slots_equals_the_n_live_component_init(x64, rng, method)
 
 
 def _restarts_programs():
-    return sum(f._cache_size() for f in (em._restarts_jit, em._restarts_jit_quick))
+    return em._restarts_programs.cache_size()
 
 
 def _programs():
-    return sum(f._cache_size() for f in (search._search_jit, search._search_jit_quick))
+    return search._search_programs.cache_size()
 
 
 def test_a_search_is_one_program_per_type_and_each_cell_equals_its_own_fit(x64, rng):
@@ -287,10 +287,18 @@ def test_quick_compile_is_on_for_small_top_level_programs_unless_turned_off(monk
     # unoptimised code would run the loop 3-4× slower on every call
     assert em.small_program(256, small, 320) and em.small_program(256, small, 320, max_iter=10)
     assert not em.quick_compile(256, small, 320, max_iter=100)
+    # ... though still with the older emitters, which compile faster and run as fast there
+    variants = em.jit_variants(lambda x: x, ())
+    assert em.compile_variant(256, small, 320, max_iter=100) == "small"
+    assert variants.pick(256, small, 320, max_iter=100) is variants.small
+    assert variants.pick(256, small) is variants.quick
+    assert variants.pick(10**5, big) is variants.default
     assert not jax.jit(lambda v: v + em.quick_compile(256, small))(0)  # inside a trace
+    assert jax.jit(lambda v: v + (em.compile_variant(256, small, 320, 100) == "default"))(0)
     for off in ("0", "false", "no"):
         monkeypatch.setenv(em.QUICK_COMPILE_ENV, off)
         assert not em.quick_compile(256, small)
+        assert em.compile_variant(256, small, 320, max_iter=100) == "default"
 
 
 def test_progress_reports_each_type_as_its_program_finishes(rng):
@@ -358,8 +366,8 @@ def test_kmeans_plusplus_runs_once_per_trial_count_and_equals_the_per_k_seeding(
     x = jnp.asarray(make_blobs(rng, n_per=100, k=4, d=3), jnp.float32)
     w = jnp.asarray(rng.uniform(0.5, 2.0, size=x.shape[0]), jnp.float32)
     key = jax.random.PRNGKey(7)
-    shared = search._seeding_jit(x, w, key, jnp.asarray(ks, jnp.int32), group_live, group_of,
-                                 11, 3, ("k-means++",))[0]
+    shared = search._seeding_programs.default(x, w, key, jnp.asarray(ks, jnp.int32),
+                                              group_live, group_of, 11, 3, ("k-means++",))[0]
     keys = search._method_keys(key, 0, 3)
     for i, k in enumerate(ks):
         for r in range(3):
