@@ -99,11 +99,13 @@ SMALL_PROGRAM_MAX_WORK = 2**22
 QUICK_COMPILE_ENV = "JAXEM_QUICK_COMPILE"
 QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
                          "xla_cpu_use_fusion_emitters": False}
-# A small program whose EM loop runs long keeps LLVM's optimisation but takes the older
-# emitters too: the Old Faithful search (64 restarts, K = 1..5, all types in one program)
-# compiles in 1.66-1.76 s instead of 2.80-2.88 s and runs as fast (warm 1.32-1.56 s
-# against 1.37 s, process start to exit).
+# A small program whose EM loop runs long, and one up to twice that size
+# (SMALL_COMPILE_MAX_WORK), keeps LLVM's optimisation but takes the older emitters too: the
+# Old Faithful search (64 restarts, K = 1..5, all types in one program: 5.1e6) compiles in
+# 1.66-1.76 s instead of 2.80-2.88 s and runs as fast (warm 1.32-1.56 s against 1.37 s,
+# process start to exit).
 SMALL_COMPILE_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+SMALL_COMPILE_MAX_WORK = 2**23
 
 
 def mixture_entries(n_components: int, n_features: int) -> int:
@@ -137,13 +139,16 @@ def compile_variant(n_rows: int, n_entries: int, batch: int = 1,
     """How to compile a program (a field of :class:`ProgramVariants`): ``"quick"``
     (:data:`QUICK_COMPILE_OPTIONS`) for a small program (:func:`small_program`) whose loop
     is short, ``"small"`` (:data:`SMALL_COMPILE_OPTIONS`) for a small one whose loop runs
-    long, else ``"default"`` — always at top level only (compiler options belong to a
-    top-level jit), and ``"default"`` under ``JAXEM_QUICK_COMPILE=0``."""
+    long or one up to :data:`SMALL_COMPILE_MAX_WORK`, else ``"default"`` — always at top
+    level only (compiler options belong to a top-level jit), and ``"default"`` under
+    ``JAXEM_QUICK_COMPILE=0``."""
     if os.environ.get(QUICK_COMPILE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return "default"
-    if _validation.under_transformation() or not small_program(n_rows, n_entries, batch):
+    if _validation.under_transformation():
         return "default"
-    return "quick" if small_program(n_rows, n_entries, batch, max_iter) else "small"
+    if small_program(n_rows, n_entries, batch, max_iter):
+        return "quick"
+    return "small" if n_rows * max(n_entries, 1) * batch <= SMALL_COMPILE_MAX_WORK else "default"
 
 
 def quick_compile(n_rows: int, n_entries: int, batch: int = 1,

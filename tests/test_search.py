@@ -293,6 +293,8 @@ def test_quick_compile_is_on_for_small_top_level_programs_unless_turned_off(monk
     assert variants.pick(256, small, 320, max_iter=100) is variants.small
     assert variants.pick(256, small) is variants.quick
     assert variants.pick(10**5, big) is variants.default
+    assert em.compile_variant(256, small, 600) == "small"  # up to SMALL_COMPILE_MAX_WORK
+    assert em.compile_variant(256, small, 2000) == "default"
     assert not jax.jit(lambda v: v + em.quick_compile(256, small))(0)  # inside a trace
     assert jax.jit(lambda v: v + (em.compile_variant(256, small, 320, 100) == "default"))(0)
     for off in ("0", "false", "no"):
