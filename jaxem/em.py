@@ -91,8 +91,9 @@ SMALL_PROGRAM_MAX_WORK = 2**22
 # XLA:CPU's older LLVM IR emitters instead of its MLIR fusion emitters, which build every
 # fusion (~170 of them in an iris fit) as its own module through MLIR: the iris fit's
 # program compiles in 0.35-0.37 s instead of 0.97-1.19 s. (Not for the large programs: there
-# the older emitters ran full and tied 1.3-1.9x slower per iteration at N = 1e5, diag and
-# spherical 1.2-1.9x faster; see benchmarks/README.md.) On other backends the CPU option is
+# the older emitters ran full and tied 1.3-1.9x slower per iteration at N = 1e5, and diag and
+# spherical no faster over two alternating runs; see benchmarks/README.md.) On other
+# backends the CPU option is
 # ignored. JAXEM_QUICK_COMPILE=0 turns both off. (The XLA aborts once blamed on quick
 # compiles were the process running out of memory mappings, which a faster compiler reaches
 # sooner: see jaxem/_cache.py.)
