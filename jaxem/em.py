@@ -93,10 +93,9 @@ SMALL_PROGRAM_MAX_WORK = 2**22
 # program compiles in 0.35-0.37 s instead of 0.97-1.19 s. (Not for the large programs: there
 # the older emitters ran full and tied 1.3-1.9x slower per iteration at N = 1e5, and diag and
 # spherical no faster over two alternating runs; see benchmarks/README.md.) On other
-# backends the CPU option is
-# ignored. JAXEM_QUICK_COMPILE=0 turns both off. (The XLA aborts once blamed on quick
-# compiles were the process running out of memory mappings, which a faster compiler reaches
-# sooner: see jaxem/_cache.py.)
+# backends the CPU option is ignored. JAXEM_QUICK_COMPILE=0 turns both off. (The XLA aborts
+# once blamed on quick compiles were the process running out of memory mappings, which a
+# faster compiler reaches sooner: see jaxem/_cache.py.)
 QUICK_COMPILE_ENV = "JAXEM_QUICK_COMPILE"
 QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
                          "xla_cpu_use_fusion_emitters": False}
@@ -124,12 +123,17 @@ def mixture_entries(n_components: int, n_features: int) -> int:
 SMALL_PROGRAM_MAX_RUN = 2**27
 
 
+def program_work(n_rows: int, n_entries: int, batch: int = 1) -> int:
+    """Rows × parameter entries × parameter sets: the size the compile rules go by."""
+    return n_rows * max(n_entries, 1) * batch
+
+
 def small_program(n_rows: int, n_entries: int, batch: int = 1,
                   max_iter: int | None = None) -> bool:
     """Whether a program over ``n_rows`` samples and ``batch`` parameter sets of
     ``n_entries`` entries each is small (:data:`SMALL_PROGRAM_MAX_WORK`), and, given the
     iterations of its EM loop, whether that loop is short (:data:`SMALL_PROGRAM_MAX_RUN`)."""
-    work = n_rows * max(n_entries, 1) * batch
+    work = program_work(n_rows, n_entries, batch)
     if work > SMALL_PROGRAM_MAX_WORK:
         return False
     return max_iter is None or work * max(max_iter, 1) <= SMALL_PROGRAM_MAX_RUN
@@ -149,7 +153,8 @@ def compile_variant(n_rows: int, n_entries: int, batch: int = 1,
         return "default"
     if small_program(n_rows, n_entries, batch, max_iter):
         return "quick"
-    return "small" if n_rows * max(n_entries, 1) * batch <= SMALL_COMPILE_MAX_WORK else "default"
+    small = program_work(n_rows, n_entries, batch) <= SMALL_COMPILE_MAX_WORK
+    return "small" if small else "default"
 
 
 def quick_compile(n_rows: int, n_entries: int, batch: int = 1,

@@ -196,8 +196,7 @@ def _seeding_program(x, weights, key, n_live, group_live, group_of, k_max, n_ini
     return tuple(out)
 
 
-_seeding_programs = em.jit_variants(_seeding_program,
-                                               ("k_max", "n_init", "methods"))
+_seeding_programs = em.jit_variants(_seeding_program, ("k_max", "n_init", "methods"))
 
 
 def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max, n_init,
@@ -383,7 +382,8 @@ def select(
     # (gmm.AnyCovarianceModel): compiling a program per type was most of its time (Old
     # Faithful, K = 1..5 × 4 types: 4 programs 4.3 s of a 6.5 s cold search). Larger ones
     # compile a program per type, each running its own type's cheaper E-step.
-    shared = len(types) > 1 and xp.shape[0] * entries * members <= SHARED_SEARCH_MAX_WORK
+    shared = (len(types) > 1
+              and em.program_work(xp.shape[0], entries, members) <= SHARED_SEARCH_MAX_WORK)
     # Hard seedings (k-means, k-means++, random_from_data) once for every type.
     if all(m in HARD_INIT_METHODS for m in methods):
         seeding = _seeding_programs.pick(xp.shape[0], entries, members)  # no EM loop
