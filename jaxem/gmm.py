@@ -1259,6 +1259,10 @@ def structured_covariances(params: GMMParams, structure, reg_covar) -> GMMParams
 def typed_params(params: GMMParams, covariance_type: str) -> GMMParams:
     """The ``covariance_type`` layout of full-layout params that have that type's structure
     (:func:`structured_covariances`), sliced on the host: no program runs."""
+    _validation.check_covariance_type(covariance_type)
+    if params.covariance_type != "full":
+        raise ValueError("typed_params takes full-layout params (AnyCovarianceModel's), got "
+                         f"covariance_type={params.covariance_type!r}")
     cov, pc = np.asarray(params.covariances), np.asarray(params.precisions_cholesky)
     take = {"full": lambda a: a, "tied": lambda a: a[0],
             "diag": lambda a: np.diagonal(a, axis1=1, axis2=2).copy(),

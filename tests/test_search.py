@@ -80,6 +80,11 @@ def test_the_covariance_type_as_data_fits_each_type_as_its_own_model(x64, rng, c
     assert np.all(np.asarray(b.params.weights)[3:] == 0)  # the dead slot stays dead
     with pytest.raises(ValueError, match="structure must be an index"):
         jaxem.fit(shared, x, p_any, structure=4)
+    with pytest.raises(ValueError, match="covariance_type"):
+        gmm.typed_params(p_any, "weird")
+    with pytest.raises(ValueError, match="full-layout"):
+        gmm.typed_params(p_typed, cov_type) if cov_type != "full" else gmm.typed_params(
+            gmm.init(key, x, 2, "diag"), "diag")
 
 
 @pytest.mark.parametrize("method", ["kmeans", "k-means++", "random"])
