@@ -80,6 +80,14 @@ class RestartsResult(NamedTuple):
     restarts: FitResult  # every restart, fields with leading axis (n_init,)
 
 
+def initial_params(model, x, weights, key, n_init: int, n_components: int, method: str,
+                   init_kwargs: dict, hyper: dict):
+    """``n_init`` initial parameter sets (leading axis) from ``model.init``, the i-th from
+    the i-th of ``jax.random.split(key, n_init)``; traced (every driver's programs call it)."""
+    return jax.vmap(lambda k: model.init(k, x, n_components, weights=weights, method=method,
+                                         **init_kwargs, **hyper))(jax.random.split(key, n_init))
+
+
 def all_finite(tree) -> jax.Array:
     """Whether every leaf of a pytree is finite (traced: a () bool array)."""
     leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)]

@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxem import _cache, _validation, blocks, streamed
+from jaxem import _cache, _loop, _validation, blocks, streamed
 from jaxem._loop import (  # noqa: F401  (re-exported: em.FitResult etc. are the drivers' names)
     RESTARTS_AXIS,
     FitResult,
@@ -147,14 +147,29 @@ def compile_variant(n_rows: int, n_entries: int, batch: int = 1,
     long or one up to :data:`SMALL_COMPILE_MAX_WORK`, else ``"default"`` — always at top
     level only (compiler options belong to a top-level jit), and ``"default"`` under
     ``JAXEM_QUICK_COMPILE=0``."""
-    if os.environ.get(QUICK_COMPILE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
-        return "default"
-    if _validation.under_transformation():
+    if not _variants_apply():
         return "default"
     if small_program(n_rows, n_entries, batch, max_iter):
         return "quick"
     small = program_work(n_rows, n_entries, batch) <= SMALL_COMPILE_MAX_WORK
     return "small" if small else "default"
+
+
+def _variants_apply() -> bool:
+    """Whether compiler options may be chosen here: at top level (they belong to a top-level
+    jit) and not turned off by ``JAXEM_QUICK_COMPILE=0``."""
+    off = os.environ.get(QUICK_COMPILE_ENV, "").strip().lower() in ("0", "false", "no", "off")
+    return not off and not _validation.under_transformation()
+
+
+def separate_initialisation(n_rows: int, n_entries: int, batch: int = 1,
+                            max_iter: int | None = None) -> bool:
+    """Whether a fit compiles its initialisation as a program of its own, with
+    :data:`SMALL_COMPILE_OPTIONS`, beside its EM loop's: for a large fit (one
+    :func:`compile_variant` compiles with the default options). The initialisation
+    (k-means: products, argmins, one M-step; no E-step) runs as fast with the older emitters
+    and compiles ~40% faster; the loop keeps the default options that its E-step needs."""
+    return _variants_apply() and compile_variant(n_rows, n_entries, batch, max_iter) == "default"
 
 
 def quick_compile(n_rows: int, n_entries: int, batch: int = 1,
@@ -215,18 +230,19 @@ def _init_sample(key, x, weights, n_rows: int | None):
     return x[idx], None
 
 
-def _restarts_program(model, x, weights, key, tol, max_iter, n_init, n_components,
-                      init_method, init_kwargs, hyper, mesh=None, progress=None,
-                      n_history=128, init_rows=None):
-    keys = jax.random.split(key, n_init)
-    # Initialisation sees the whole (possibly sharded) data, or its subsample; XLA
-    # partitions it.
+def _initial_program(model, x, weights, key, n_init, n_components, init_method, init_kwargs,
+                     hyper, init_rows=None):
+    """The restarts' initial parameters (leading axis ``n_init``): from the whole (possibly
+    sharded: XLA partitions it) data, or its subsample beyond ``init_rows`` rows."""
     xi, wi = _init_sample(key, x, weights, init_rows)
-    params0 = jax.vmap(
-        lambda k: model.init(
-            k, xi, n_components, weights=wi, method=init_method, **init_kwargs, **hyper
-        )
-    )(keys)
+    return _loop.initial_params(model, xi, wi, key, n_init, n_components, init_method,
+                                init_kwargs, hyper)
+
+
+def _restarts_loop(model, x, weights, params0, tol, max_iter, hyper, mesh=None, progress=None,
+                   n_history=128) -> RestartsResult:
+    """Every restart's EM loop from ``params0``, vmapped, and the best picked on device."""
+    n_init = jax.tree_util.tree_leaves(params0)[0].shape[0]
     axis = None if mesh is None else _DATA
 
     def loop(x, weights, params0, tol, max_iter, hyper):
@@ -237,18 +253,31 @@ def _restarts_program(model, x, weights, key, tol, max_iter, n_init, n_component
         )(params0, jnp.arange(n_init))
 
     runs = _over_devices(loop, mesh)(x, weights, params0, tol, max_iter, hyper)
-    # Pick the best on device: highest lower bound; a restart that never produced a finite
-    # bound cannot win.
+    # Highest lower bound; a restart that never produced a finite bound cannot win.
     score = jnp.where(jnp.isfinite(runs.lower_bound), runs.lower_bound, -jnp.inf)
     best_index = jnp.argmax(score).astype(jnp.int32)
     best = jax.tree_util.tree_map(lambda a: a[best_index], runs)
     return RestartsResult(best, best_index, runs)
 
 
+def _restarts_program(model, x, weights, key, tol, max_iter, n_init, n_components,
+                      init_method, init_kwargs, hyper, mesh=None, progress=None,
+                      n_history=128, init_rows=None):
+    params0 = _initial_program(model, x, weights, key, n_init, n_components, init_method,
+                               init_kwargs, hyper, init_rows)
+    return _restarts_loop(model, x, weights, params0, tol, max_iter, hyper, mesh, progress,
+                          n_history)
+
+
 _restarts_programs = jit_variants(
     _restarts_program,
     ("model", "n_history", "n_init", "n_components", "init_method", "mesh", "progress",
      "init_rows"))
+# A large fit's two halves as programs of their own (see fit_restarts).
+_initial_programs = jit_variants(
+    _initial_program, ("model", "n_init", "n_components", "init_method", "init_rows"))
+_restarts_loop_programs = jit_variants(
+    _restarts_loop, ("model", "mesh", "progress", "n_history"))
 
 
 def _mesh_for(model, x, devices) -> Mesh | None:
@@ -538,15 +567,26 @@ def fit_restarts(
     dtype = inp.x.dtype
     init_kwargs = {k: host_array(v, dtype) for k, v in (init_kwargs or {}).items()}
     n, d = np.shape(inp.x)
-    program = _restarts_programs.pick(n, mixture_entries(n_components, d), n_init, max_iter)
+    entries = mixture_entries(n_components, d)
     init_rows = (blocks.init_rows(d, dtype) if init_rows is None
                  else _validation.check_int(init_rows, "init_rows", n_components))
-    result = program(
-        model, inp.x, inp.weights, key, inp.tol, host_array(max_iter, np.int32), n_init,
-        n_components, init_method, init_kwargs, inp.hyper, mesh=inp.mesh,
-        progress=None if progress is None else Progress(progress),
-        n_history=history_size(max_iter), init_rows=init_rows if n > init_rows else None,
-    )
+    init_rows = init_rows if n > init_rows else None
+    max_iter_arg, n_history = host_array(max_iter, np.int32), history_size(max_iter)
+    progress = None if progress is None else Progress(progress)
+    if inp.mesh is None and separate_initialisation(n, entries, n_init, max_iter):
+        # Measured (N = 1e6, D = K = 8, full; initialised on 2^18 rows): the initialisation
+        # compiles in 0.80 s instead of 1.34 s and runs in 0.49 s instead of 0.54 s; the
+        # whole fit's compile 1.64 s instead of 2.27 s.
+        params0 = _initial_programs.small(model, inp.x, inp.weights, key, n_init, n_components,
+                                          init_method, init_kwargs, inp.hyper, init_rows)
+        result = _restarts_loop_programs.default(model, inp.x, inp.weights, params0, inp.tol,
+                                                 max_iter_arg, inp.hyper, progress=progress,
+                                                 n_history=n_history)
+    else:
+        program = _restarts_programs.pick(n, entries, n_init, max_iter)
+        result = program(model, inp.x, inp.weights, key, inp.tol, max_iter_arg, n_init,
+                         n_components, init_method, init_kwargs, inp.hyper, mesh=inp.mesh,
+                         progress=progress, n_history=n_history, init_rows=init_rows)
     return trim_history(result, max_iter)
 
 

@@ -555,7 +555,8 @@ def e_step(
         products over quadratic features (:func:`_quadratic_features`) unless their
         rounding would exceed :data:`QUADRATIC_FORM_RTOL`, else whitens. ``"centred"``:
         always whitened/centred. ``"auto"`` (default): ``"product"`` where it pays
-        (:func:`_product_form_pays`: large enough N·K·D, and 2K ≥ D for full), else
+        (:func:`_product_form_pays`: large enough N·K·D, and for full 2K ≥ D and
+        K·D ≥ 256), else
         ``"centred"``. Static.
 
     Returns:
@@ -744,6 +745,12 @@ QUADRATIC_FORM_RTOL = 2e-3
 # iterations would not win the extra compile back (diag/spherical at N·K·D = 3.2e6: the
 # product form saves 1.3-2.0 ms an iteration; at N = 1e5, D = K = 8: 5.7 -> 2.6 ms).
 PRODUCT_FORM_MIN_WORK = {"full": 2**27, "diag": 2**22, "spherical": 2**22}
+# full's quadratic form also needs K·D at least this: its rows carry D(D+1)/2 quadratic
+# features whatever K, so with few components it costs more than it saves. Measured per
+# iteration on the CPU (whitened / quadratic, ms): N = 1e6, D = K = 8: 54-58 / 64-65;
+# N = 2e5, D = K = 12: 24 / 31; D = 12, K = 16: 29 / 33; but N = 1e5, D = K = 16: 21 / 18;
+# D = 8, K = 64: 52 / 26; D = K = 32: 138 / 87.
+QUADRATIC_FORM_MIN_KD = 256
 
 
 def _product_form_pays(n_samples: int, n_components: int, n_features: int,
@@ -751,17 +758,20 @@ def _product_form_pays(n_samples: int, n_components: int, n_features: int,
     """Whether ``moments="auto"`` takes the product form (static, from the shapes).
 
     Only for large enough work per iteration (:data:`PRODUCT_FORM_MIN_WORK`), and for full
-    only when 2K ≥ D: the quadratic form's block is a (C, ~D²/2) array whatever K, the
-    whitened form's is (K·D, C); with few components per feature the products are too thin
-    to use the wider array well and the whitened form is faster (measured on the CPU: 1.5x
-    faster at D = K = 32, 2x slower at D = 64, K = 8). tied has no product form.
+    only when 2K ≥ D and K·D ≥ :data:`QUADRATIC_FORM_MIN_KD`: the quadratic form's block is
+    a (C, ~D²/2) array whatever K, the whitened form's is (K·D, C); with few components per
+    feature the products are too thin to use the wider array well, and with few components
+    at all the quadratic features cost more than they save, so the whitened form is faster
+    (measured on the CPU: 1.5x faster at D = K = 32, 2x slower at D = 64, K = 8, 1.1x slower
+    at D = K = 8). tied has no product form.
     """
     if covariance_type not in PRODUCT_FORM_MIN_WORK:
         return False
     work = n_samples * n_components * n_features
     if covariance_type == "full":
         work *= n_features
-        if 2 * n_components < n_features:
+        if (2 * n_components < n_features
+                or n_components * n_features < QUADRATIC_FORM_MIN_KD):
             return False
     return work >= PRODUCT_FORM_MIN_WORK[covariance_type]
 

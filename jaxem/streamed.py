@@ -253,8 +253,8 @@ def fit(model, data, params, *, weights=None, tol=1e-3, max_iter: int = 100,
 
 @functools.partial(jax.jit, static_argnames=("model", "n_init", "n_components", "method"))
 def _initial_params(model, x, w, key, n_init, n_components, method, init_kwargs, hyper):
-    return jax.vmap(lambda k: model.init(k, x, n_components, weights=w, method=method,
-                                         **init_kwargs, **hyper))(jax.random.split(key, n_init))
+    return _loop.initial_params(model, x, w, key, n_init, n_components, method, init_kwargs,
+                                hyper)
 
 
 def _seed_of(key) -> int:

@@ -112,6 +112,42 @@ def test_changing_tol_reg_covar_or_data_does_not_recompile(rng):
     assert len(TRACES) == n + 1
 
 
+def test_a_large_fit_compiles_its_initialisation_apart_with_the_same_result(monkeypatch, rng):
+    """Large fits compile the initialisation (k-means) as a program of their own, with the
+    older emitters, beside the EM loop's: the fit is the one-program fit's, and no further
+    program is compiled for the next fit of the same shapes."""
+    monkeypatch.delenv(em.QUICK_COMPILE_ENV, raising=False)
+    n, d, k = 12_000, 8, 8  # work 1.3e7 > SMALL_COMPILE_MAX_WORK: the default options
+    assert em.separate_initialisation(n, em.mixture_entries(k, d), 2, 20)
+    assert not em.separate_initialisation(256, em.mixture_entries(3, 2), 2, 20)  # small
+    assert not jax.jit(lambda v: v + em.separate_initialisation(n, 10**4))(0)  # traced
+    x = make_blobs(rng, n_per=n // 4, k=4, d=d).astype(np.float32)
+    model = gmm.GaussianMixtureModel("full")
+
+    def fit(seed):
+        return jaxem.fit_restarts(model, x, jax.random.PRNGKey(seed), n_components=k, n_init=2,
+                                  max_iter=20, tol=1e-4)
+
+    counts = [(p.small._cache_size(), p.default._cache_size())
+              for p in (em._initial_programs, em._restarts_loop_programs)]
+    apart = fit(0)
+    after = [(p.small._cache_size(), p.default._cache_size())
+             for p in (em._initial_programs, em._restarts_loop_programs)]
+    assert after[0] == (counts[0][0] + 1, counts[0][1])  # the initialisation: small options
+    assert after[1] == (counts[1][0], counts[1][1] + 1)  # the loop: default options
+    fit(1)
+    assert [(p.small._cache_size(), p.default._cache_size())
+            for p in (em._initial_programs, em._restarts_loop_programs)] == after
+    monkeypatch.setenv(em.QUICK_COMPILE_ENV, "0")  # one program, the default options
+    assert not em.separate_initialisation(n, em.mixture_entries(k, d), 2, 20)
+    together = fit(0)
+    np.testing.assert_array_equal(apart.restarts.n_iter, together.restarts.n_iter)
+    assert int(apart.best_index) == int(together.best_index)
+    np.testing.assert_allclose(apart.restarts.lower_bound, together.restarts.lower_bound,
+                               rtol=1e-5)
+    assert tree_allclose(apart.best.params, together.best.params, rtol=1e-4, atol=1e-5)
+
+
 @dataclasses.dataclass(frozen=True)
 class FailsAtStep3(gmm.GaussianMixtureModel):
     """A GMM whose M-step returns NaN from the 3rd iteration on (simulated breakdown)."""

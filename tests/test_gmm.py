@@ -550,10 +550,11 @@ def test_quadratic_form_check_trips_only_when_needed(rng):
        cov_type=st.sampled_from(COV_TYPES))
 def test_product_form_pays_rule(n, k, d, cov_type):
     # "auto" takes the product form only when the work per iteration repays compiling a
-    # second sweep, never for tied (it has none), and for full only with 2K >= D; more
-    # samples never switch it off.
+    # second sweep, never for tied (it has none), and for full only with 2K >= D and
+    # K·D >= QUADRATIC_FORM_MIN_KD; more samples never switch it off.
     pays = gmm._product_form_pays(n, k, d, cov_type)
-    if cov_type == "tied" or (cov_type == "full" and 2 * k < d):
+    if cov_type == "tied" or (cov_type == "full" and (
+            2 * k < d or k * d < gmm.QUADRATIC_FORM_MIN_KD)):
         assert not pays
     else:
         work = n * k * d * (d if cov_type == "full" else 1)
@@ -563,7 +564,7 @@ def test_product_form_pays_rule(n, k, d, cov_type):
 
 def test_auto_takes_the_product_form_only_where_it_pays(rng, monkeypatch):
     # At test sizes "auto" is the centred computation exactly (one sweep to compile). With
-    # the threshold lowered to 1 it is the product form (not identical to centred) where
+    # the thresholds lowered to 1 it is the product form (not identical to centred) where
     # 2K >= D and still centred where 2K < D. (N = 613 and 617 are used by no other test, so
     # no program traced under the default threshold is reused.)
     for k, n, product_pays in [(2, 613, False), (4, 617, True)]:
@@ -574,6 +575,7 @@ def test_auto_takes_the_product_form_only_where_it_pays(rng, monkeypatch):
         assert tree_allclose(gmm.e_step(params, x)[0], centred, rtol=0.0)
         with monkeypatch.context() as m:
             m.setitem(gmm.PRODUCT_FORM_MIN_WORK, "full", 1)
+            m.setattr(gmm, "QUADRATIC_FORM_MIN_KD", 1)
             auto, _ = gmm.e_step(params, x[:-1])
         expect, _ = gmm.e_step(params, x[:-1], moments="product" if product_pays else "centred")
         assert tree_allclose(auto, expect, rtol=0.0)
