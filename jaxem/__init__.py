@@ -12,6 +12,7 @@ from jaxem import (
     search,
     sgd,
     streamed,
+    tuning,
 )
 from jaxem._validation import PrecisionWarning
 from jaxem.differentiable import (
@@ -88,4 +89,5 @@ __all__ = [
     "select",
     "sgd",
     "streamed",
+    "tuning",
 ]

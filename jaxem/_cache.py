@@ -39,6 +39,7 @@ import ctypes
 import dataclasses
 import hashlib
 import inspect
+import json
 import os
 import pickle
 import platform
@@ -113,10 +114,12 @@ _CONFIG_KEYS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_p
 def _environment_key() -> str:
     """What every stored program depends on besides its own arguments: jaxem's source,
     JAX/jaxlib, Python, the device and the CPU it compiles for, XLA_FLAGS (read once per
-    process), and the JAX settings that change a program (read at every call: float64
-    mode can be switched on and off within a process)."""
+    process), the block budgets tuned for this machine (they set block sizes at trace time),
+    and the JAX settings that change a program (read at every call: float64 mode can be
+    switched on and off within a process)."""
     settings = [f"{name}={getattr(jax.config, name, None)!r}" for name in _CONFIG_KEYS]
-    return _process_environment() + "\n" + "\n".join(settings)
+    tuned = f"blocks={sorted(tuned_block_budgets().items())}"
+    return _process_environment() + "\n" + "\n".join(settings) + "\n" + tuned
 
 
 def _process_environment() -> str:
@@ -143,6 +146,72 @@ def _cpu_features() -> str:
         return "".join(sorted(set(lines)))
     except OSError:
         return platform.processor()
+
+
+# Block budgets measured on this machine (jaxem.tuning, `jaxem tune-blocks`): a JSON file
+# beside the cache folder, one entry per machine, read once per process.
+TUNING_ENV = "JAXEM_NO_TUNING"
+
+
+def tuning_file() -> Path:
+    """Where measured block budgets live: ``$XDG_CACHE_HOME/jaxem/tuning.json``."""
+    return cache_dir().parent / "tuning.json"
+
+
+def machine_key() -> str:
+    """What a measured block budget holds for: the backend and device kind, the CPU's model
+    and instruction sets, the number of cores, and the JAX version."""
+    device = jax.devices()[0]
+    cpu = hashlib.sha256(_cpu_features().encode()).hexdigest()[:16]
+    return "|".join([device.platform, device.device_kind, cpu, str(os.cpu_count()),
+                     jax.__version__])
+
+
+def _read_tuning(path: Path) -> dict:
+    """The tuning file's entries, or {} when it is missing, unreadable, malformed or not the
+    user's own (a file someone else could write must not steer this process)."""
+    try:
+        if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
+            return {}
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def tuned_block_budgets() -> dict[str, int]:
+    """This machine's measured E-step block budgets in bytes, by covariance type ({} if none
+    were measured, or under ``JAXEM_NO_TUNING=1``); read once per process."""
+    if "tuned" not in _state:
+        tuned = {}
+        if os.environ.get(TUNING_ENV, "").strip() in ("", "0"):
+            entry = _read_tuning(tuning_file()).get(machine_key(), {})
+            budgets = entry.get("budgets", {}) if isinstance(entry, dict) else {}
+            tuned = {str(k): int(v) for k, v in budgets.items()
+                     if isinstance(v, int) and not isinstance(v, bool) and v > 0}
+        _state["tuned"] = tuned
+    return _state["tuned"]
+
+
+def store_block_budgets(budgets: dict[str, int], details: dict | None = None) -> Path | None:
+    """Record ``budgets`` (bytes by covariance type; an empty dict forgets this machine's)
+    for this machine in :func:`tuning_file`, and use them from now on in this process.
+    Returns the file, or None when its folder cannot be made private to this user."""
+    path = tuning_file()
+    if not _private_dir(path.parent):
+        return None
+    data = _read_tuning(path)
+    key = machine_key()
+    if budgets:
+        data[key] = {"budgets": {k: int(v) for k, v in budgets.items()}, **(details or {})}
+    else:
+        data.pop(key, None)
+    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp")
+    with tmp:
+        json.dump(data, tmp, indent=1, sort_keys=True)
+    os.replace(tmp.name, path)
+    _state["tuned"] = {k: int(v) for k, v in budgets.items()}
+    return path
 
 
 def _static_key(value) -> str | None:

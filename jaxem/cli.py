@@ -796,6 +796,35 @@ def _sample(args) -> int:
     return 0
 
 
+def _tune_blocks(args) -> int:
+    import jax
+
+    from jaxem import _cache, tuning
+
+    if args.reset:
+        path = _cache.store_block_budgets({})
+        if path is None:
+            raise OSError(f"cannot write {_cache.tuning_file()}: its folder is not this "
+                          "user's own")
+        print(f"forgot this machine's block budgets in {path}")
+        return 0
+    for name in ("n", "d", "k", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)}: must be >= 1")
+    factors = ", ".join(f"x{f:g}" for f in tuning.TUNING_FACTORS)
+    print(f"timing the E-step at N={args.n}, D={args.d}, K={args.k} (float32) on "
+          f"{jax.devices()[0].device_kind}, block budgets {factors} the default:", flush=True)
+    tuning.tune_block_budgets(args.n, args.d, args.k, _parse_cov_types(args.covariance_type),
+                              repeats=args.repeats, store=not args.dry_run,
+                              report=lambda line: print("  " + line, flush=True))
+    if args.dry_run:
+        print("(--dry-run: nothing recorded)")
+    else:
+        print(f"recorded for this machine in {_cache.tuning_file()}; "
+              f"{_cache.TUNING_ENV}=1 ignores it, --reset forgets it")
+    return 0
+
+
 def _add_fit_options(p, k_default=None):
     p.add_argument("--covariance-type", default="full",
                    help="full, tied, diag, spherical" + (" or all, or a comma list"
@@ -917,6 +946,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--verbose", action="store_true",
                       help="also print the time spent compiling")
     demo.set_defaults(func=_demo)
+
+    tune = sub.add_parser(
+        "tune-blocks", help="measure the E-step's best block size on this machine",
+        description="Time the E-step at block budgets around the built-in ones and record "
+        "the fastest per covariance type for this machine (backend, device, CPU, cores); "
+        "later fits on this machine use them.")
+    tune.add_argument("--n", type=int, default=200_000, help="samples timed (default 2e5)")
+    tune.add_argument("--d", type=int, default=16, help="features (default 16)")
+    tune.add_argument("--k", type=int, default=16, help="components (default 16)")
+    tune.add_argument("--covariance-type", default="all",
+                      help="full, tied, diag, spherical, a comma list, or all (default)")
+    tune.add_argument("--repeats", type=int, default=5,
+                      help="timed runs per block size (default 5)")
+    tune.add_argument("--dry-run", action="store_true", help="measure, record nothing")
+    tune.add_argument("--reset", action="store_true",
+                      help="forget this machine's recorded budgets and exit")
+    tune.set_defaults(func=_tune_blocks)
     return parser
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import custom_batching
 
-from jaxem import _validation
+from jaxem import _cache, _validation
 from jaxem._linalg import (
     COVARIANCE_TYPES,
     PRECISION,
@@ -256,12 +257,12 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
     full/tied are laid out samples-last ((K, C), (K·D, C)) so that the heavy steps are
     single large matrix products (see :func:`_whitened_sq_t` and :func:`_moments_t`);
     diag/spherical samples-first around one (C, 2D) array (:func:`_diag_log_joint`). With
-    ``exact`` ((R,) component indices; diag/spherical) the moments are taken as products
-    about the mixture centre, and centred on the means for those R components only (see
-    :func:`_product_moments`). With ``quad = (B, const)`` (full) the block is one
-    (C, ~D²/2) array ``z`` of quadratic features: the log-joint is ``z @ B`` and the
-    moments about c are ``rᵀ z`` (see :func:`_quadratic_moments`). ``c`` is the point the
-    block is centred on (default :func:`_center`; restarts share one, see
+    ``exact`` (:class:`_ExactRows`; diag/spherical) the moments are taken as products
+    about the mixture centre, and, where ``exact.needed``, centred on the means for its R
+    components too (see :func:`_product_moments`). With ``quad = (B, const)`` (full) the
+    block is one (C, ~D²/2) array ``z`` of quadratic features: the log-joint is ``z @ B``
+    and the moments about c are ``rᵀ z`` (see :func:`_quadratic_moments`). ``c`` is the
+    point the block is centred on (default :func:`_center`; restarts share one, see
     :func:`_shared_center`).
     """
     cov_type = params.covariance_type
@@ -290,8 +291,13 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
     elif exact is not None:
         d = xc.shape[1]
         s = jnp.matmul(wr, z, precision=PRECISION)  # (K, 2D): Σ w r (x−c)², Σ w r (x−c)
-        moments = (jnp.sum(wr, axis=1), s[:, d:], s[:, :d],
-                   *_diag_moments(xc, wr[exact], m[exact]))
+        idx = exact.index
+        # (The skipped rows' zeros like the block's, so that inside shard_map both branches
+        # vary over the devices alike.)
+        skipped = jnp.broadcast_to(jnp.zeros_like(xc[:1]), (idx.shape[0], d))
+        rows = jax.lax.cond(exact.needed, lambda: _diag_moments(xc, wr[idx], m[idx]),
+                            lambda: (skipped, skipped))
+        moments = (jnp.sum(wr, axis=1), s[:, d:], s[:, :d], *rows)
     # Weight-zero rows (padding, overlap) add exactly zero, even if their density overflowed;
     # where it did not, d total / d w_n = log p(x_n) still holds at w_n = 0.
     total = jnp.sum(w * jnp.where((w > 0) | jnp.isfinite(log_norm), log_norm, 0.0))
@@ -444,15 +450,24 @@ ACCELERATOR_BUDGET_SCALE = 256
 ACCELERATOR_BUDGET_MEMORY_SHARE = 1 / 32
 
 
-def chunk_budget_bytes(covariance_type: str) -> int:
-    """The E-step block's temporaries budget on the default backend: :data:`CHUNK_BUDGET_BYTES`
+def default_budget_bytes(covariance_type: str) -> int:
+    """The block budget before any measurement on this machine: :data:`CHUNK_BUDGET_BYTES`
     on CPUs (sized for this project's CPU's caches), :data:`ACCELERATOR_BUDGET_SCALE` times
-    that on a GPU or TPU, at most :data:`ACCELERATOR_BUDGET_MEMORY_SHARE` of its memory."""
+    that on a GPU or TPU."""
     budget = CHUNK_BUDGET_BYTES[covariance_type]
+    return budget if jax.devices()[0].platform == "cpu" else budget * ACCELERATOR_BUDGET_SCALE
+
+
+def chunk_budget_bytes(covariance_type: str) -> int:
+    """The E-step block's temporaries budget on the default backend: the one measured on
+    this machine by :func:`jaxem.tuning.tune_block_budgets` (``jaxem tune-blocks``) if any,
+    else :func:`default_budget_bytes`; on a GPU or TPU at most
+    :data:`ACCELERATOR_BUDGET_MEMORY_SHARE` of its memory."""
+    tuned = _cache.tuned_block_budgets().get(covariance_type)
+    budget = default_budget_bytes(covariance_type) if tuned is None else tuned
     device = jax.devices()[0]
     if device.platform == "cpu":
         return budget
-    budget *= ACCELERATOR_BUDGET_SCALE
     try:
         limit = (device.memory_stats() or {}).get("bytes_limit")
     except Exception:  # some backends have no memory statistics
@@ -465,9 +480,10 @@ CHUNK_ROW_ALIGN = 256  # automatic block sizes are multiples of this many rows
 
 def auto_chunk_size(
     n_samples: int, n_components: int, n_features: int, dtype, covariance_type: str = "full",
-    batch: int = 1,
+    batch: int = 1, budget_bytes: int | None = None,
 ) -> int:
-    """Rows per E-step block so that its temporaries fit in :func:`chunk_budget_bytes`.
+    """Rows per E-step block so that its temporaries fit in ``budget_bytes`` (default
+    :func:`chunk_budget_bytes`).
 
     ``batch`` parameter sets processed together (vmapped restarts) share the budget.
     """
@@ -482,7 +498,9 @@ def auto_chunk_size(
     else:
         per_row = batch * 3 * k * d
     per_row = per_row * itemsize
-    chunk = chunk_budget_bytes(covariance_type) // per_row
+    if budget_bytes is None:
+        budget_bytes = chunk_budget_bytes(covariance_type)
+    chunk = budget_bytes // per_row
     # Whole multiples of CHUNK_ROW_ALIGN rows: an odd block size (13,107 rows) made the
     # diag E-step at N = 2e5, D = K = 16 1.3x slower than its aligned neighbour (13,056),
     # and full at D = K = 8 1.6x (measured on the 2-core CPU).
@@ -539,7 +557,7 @@ def e_step(
       weights: optional (N,) non-negative sample weights (default: all ones).
       chunk_size: rows per block (static). The samples stream through in blocks, so peak
         memory is O(chunk_size·K·D) on top of the data. ``None`` picks it from
-        :data:`CHUNK_BUDGET_BYTES`; ``chunk_size >= N`` is a single pass.
+        :func:`chunk_budget_bytes`; ``chunk_size >= N`` is a single pass.
       axis_name: inside ``shard_map``/``pmap`` over samples, the mapped axis to ``psum`` the
         statistics over (data parallelism); the result is then the same on every device.
       batch: number of parameter sets vmapped together (restarts); the automatic block
@@ -686,12 +704,30 @@ def _mean_over_restarts_vmap(axis_size, in_batched, c):
 PRODUCT_MOMENTS_RTOL = 1e-4
 
 
-def _likely_ill_conditioned(params: GMMParams, c=None) -> jax.Array:
-    """Indices of the ⌈K/8⌉ components whose product-form moments would round worst.
+# The exact rows are taken only when some component's predicted rounding is within this
+# factor of PRODUCT_MOMENTS_RTOL (room for its variance to shrink by as much in one
+# iteration); otherwise the check after the sweep is expected to pass without them.
+EXACT_ROWS_MARGIN = 4.0
+
+
+class _ExactRows(NamedTuple):
+    """Which diag/spherical components the product-form sweep also takes centred on their
+    means (:func:`_likely_ill_conditioned`)."""
+
+    index: jax.Array  # (⌈K/8⌉,) the components whose rounding would be worst
+    needed: jax.Array  # () bool: whether to take them at all (unbatched under vmap)
+
+
+def _likely_ill_conditioned(params: GMMParams, c=None) -> _ExactRows:
+    """The ⌈K/8⌉ components whose product-form moments would round worst, and whether any
+    component's predicted rounding comes within :data:`EXACT_ROWS_MARGIN` of
+    :data:`PRODUCT_MOMENTS_RTOL` (under a ``vmap``, any member's).
 
     The rounding of ``Σ r (x−c)²`` relative to a component's variance grows like
-    ``((μ−c)² + σ²)/σ²``; judged on the current parameters and weighted towards small
-    components (a far component, one on a few points, one about to collapse).
+    ``eps · ((μ−c)² + σ²)/σ²``; judged on the current parameters and weighted towards small
+    components (a far component, one on a few points, one about to collapse). The check
+    after the sweep (:func:`_product_moments`) decides again on the new moments; ``needed``
+    only spares the rows' cost where they would not be used.
     """
     k = params.n_components
     var = jnp.broadcast_to(
@@ -705,7 +741,10 @@ def _likely_ill_conditioned(params: GMMParams, c=None) -> jax.Array:
     live = params.weights > 0
     score = jnp.where(live, ratio / (k * jnp.where(live, params.weights, 1.0)), -jnp.inf)
     _, idx = jax.lax.top_k(score, -(-k // 8))
-    return idx
+    eps = jnp.finfo(var.dtype).eps
+    # (NaN parameters compare False: the rows are then taken.)
+    safe = jnp.all(~live | (EXACT_ROWS_MARGIN * eps * ratio <= PRODUCT_MOMENTS_RTOL))
+    return _ExactRows(idx, ~_all_batch_members(safe))
 
 
 def _product_moments(params: GMMParams, exact, moments, total, c=None):
@@ -727,9 +766,11 @@ def _product_moments(params: GMMParams, exact, moments, total, c=None):
     eps = jnp.finfo(s2.dtype).eps
     centred = sum_xx - sum_x**2 / (nk + 10 * eps)[:, None]  # ≈ nk · new variance
     # Empty components get reg_covar whatever this gives; the exact ones are right anyway.
-    checked = (nk > 10 * eps * jnp.sum(nk)).at[exact].set(False)
+    taken = jnp.zeros(nk.shape, bool).at[exact.index].set(exact.needed)
+    checked = (nk > 10 * eps * jnp.sum(nk)) & ~taken
     risky = checked[:, None] & (eps * s2 > PRODUCT_MOMENTS_RTOL * centred)
-    sum_x, sum_xx = sum_x.at[exact].set(sum_x_r), sum_xx.at[exact].set(sum_xx_r)
+    sum_x = jnp.where(taken[:, None], sum_x.at[exact.index].set(sum_x_r), sum_x)
+    sum_xx = jnp.where(taken[:, None], sum_xx.at[exact.index].set(sum_xx_r), sum_xx)
     return (nk, sum_x, sum_xx), total, ~jnp.any(risky)
 
 

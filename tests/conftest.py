@@ -13,7 +13,10 @@ from helpers import enable_x64
 def pytest_configure(config):
     """Share compiled programs between the xdist workers and the processes the suite starts
     (the ``jaxem`` command, notebook kernels): most of the suite's time is XLA compilation,
-    and many tests compile the same program. The cache lives for this run only."""
+    and many tests compile the same program. The cache lives for this run only. Block
+    budgets measured on this machine (``jaxem tune-blocks``) are ignored: the suite's block
+    sizes must not depend on the developer's machine."""
+    os.environ["JAXEM_NO_TUNING"] = "1"
     if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return  # a worker inherits the controller's cache; a user's own cache is kept
     path = tempfile.mkdtemp(prefix="jaxem-test-xla-cache-")

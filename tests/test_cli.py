@@ -286,7 +286,7 @@ def test_predict_and_sample_from_a_saved_model(data_files, tmp_path):
 
 
 def test_every_subcommand_has_help():
-    for cmd in ("fit", "select", "predict", "sample", "demo"):
+    for cmd in ("fit", "select", "predict", "sample", "demo", "tune-blocks"):
         out = run(cmd, "--help")
         assert out.returncode == 0 and "usage: jaxem " + cmd in out.stdout
 

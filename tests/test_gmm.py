@@ -252,6 +252,40 @@ def test_product_moments_check_trips_only_when_needed(rng):
     np.testing.assert_allclose(var, 1e-6, rtol=1e-3)
 
 
+def test_exact_rows_are_skipped_only_where_no_component_is_at_risk(rng):
+    # The exact rows are taken only when a component's predicted rounding comes within
+    # EXACT_ROWS_MARGIN of the tolerance. Benign data: skipped, and the check passes.
+    x, params = _diag_problem(rng, 16, 1e4, 3.0, 0, "diag", n=2000)
+    assert not bool(gmm._likely_ill_conditioned(params).needed)
+    far = gmm.make_params(params.weights, params.means.at[5].add(400.0), params.covariances,
+                          "diag")
+    assert bool(gmm._likely_ill_conditioned(far).needed)  # (400/1)² ≫ RTOL / (4 eps)
+    with jax.enable_x64(True):  # float64 rounds 1e9× less: never needed
+        far64 = jax.tree_util.tree_map(
+            lambda a: a.astype(np.float64) if hasattr(a, "astype") else a, far)
+        assert not bool(gmm._likely_ill_conditioned(far64).needed)
+    # Skipped, yet a component collapses within the iteration: broad now (σ = 30, so its
+    # predicted rounding is small: (396/30)² < RTOL / (4 eps)) but its new responsibilities
+    # lie on 5 copies of a point 400 away. The check after the sweep trips, and the E-step
+    # gives the centred moments.
+    x, params = _diag_problem(rng, 4, 0.0, 3.0, 0, "diag", n=2000, d=2)
+    x[:5] = 400.0
+    means = np.asarray(params.means).copy()
+    cov = np.asarray(params.covariances).copy()
+    means[3], cov[3] = 400.01, 30.0**2
+    params = gmm.make_params(np.asarray([0.33, 0.33, 0.33, 0.01], np.float32), means, cov,
+                             "diag")
+    exact = gmm._likely_ill_conditioned(params)
+    assert not bool(exact.needed)
+    sums = gmm._blockwise_sum(
+        lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x, np.ones(2000), 256)
+    assert not bool(gmm._product_moments(params, exact, *sums)[2])
+    auto, _ = gmm.e_step(params, x, moments="product")
+    centred, _ = gmm.e_step(params, x, moments="centred")
+    assert tree_allclose(auto, centred, rtol=0.0)
+    assert np.all(np.asarray(gmm.m_step(auto, 1e-6).covariances)[3] < 1e-3)
+
+
 @pytest.mark.parametrize("cov_type, moments", [("full", "centred"), ("full", "product"),
                                                ("diag", "product")])
 def test_vmapped_restarts_share_one_centre(rng, cov_type, moments):

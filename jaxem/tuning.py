@@ -1,0 +1,132 @@
+"""Block budgets measured on this machine, instead of the constants measured on another.
+
+The E-step streams the samples through blocks whose temporaries fit a budget of bytes
+(:func:`jaxem.gmm.chunk_budget_bytes`). The built-in budgets were measured on the project's
+2-core CPU (and scaled up for accelerators); the best block on another CPU or GPU depends on
+its caches, cores and memory. :func:`tune_block_budgets` (``jaxem tune-blocks``) times the
+E-step at budgets around the current one, on this machine, and records the fastest per
+covariance type in ``$XDG_CACHE_HOME/jaxem/tuning.json`` (one entry per machine: backend,
+device, CPU model and instruction sets, cores, JAX version); every later process on this
+machine uses it. ``JAXEM_NO_TUNING=1`` ignores the file; ``jaxem tune-blocks --reset``
+forgets this machine's entry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxem import _cache, _validation, gmm
+from jaxem._linalg import COVARIANCE_TYPES
+
+# Budgets tried: the current default times these factors.
+TUNING_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+# A budget other than the default is taken only if it is at least this much faster: the
+# timings of the project's 2-core CPU drift by more than 10% between runs.
+TUNING_MIN_GAIN = 0.1
+
+
+def choose_budget(default: int, seconds: dict[int, float],
+                  min_gain: float = TUNING_MIN_GAIN) -> int:
+    """The budget to keep from measured ``seconds`` per budget: the fastest, unless it
+    beats ``default`` (which must be among them) by less than ``min_gain`` of its time."""
+    best = min(seconds, key=seconds.get)
+    return best if seconds[best] < (1.0 - min_gain) * seconds[default] else default
+
+
+def _problem(n: int, d: int, k: int, covariance_type: str, seed: int):
+    """float32 blobs, and parameters initialised on them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 3.0
+    x = (centres[rng.integers(0, k, n)] + rng.normal(size=(n, d))).astype(np.float32)
+    params = gmm.init(jax.random.PRNGKey(seed), x[: min(n, 20_000)], k, covariance_type)
+    return jnp.asarray(x), params
+
+
+def tune_block_budgets(
+    n_samples: int = 200_000,
+    n_features: int = 16,
+    n_components: int = 16,
+    covariance_types: Sequence[str] = COVARIANCE_TYPES,
+    factors: Sequence[float] = TUNING_FACTORS,
+    repeats: int = 5,
+    store: bool = True,
+    seed: int = 0,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, dict]:
+    """Time the E-step at block budgets around the current one and keep the fastest.
+
+    For each covariance type, on float32 blobs of ``n_samples`` × ``n_features`` and
+    ``n_components`` components: every budget ``default × factor`` (see
+    :func:`jaxem.gmm.default_budget_bytes`) gives a block size
+    (:func:`jaxem.gmm.auto_chunk_size`); each block size's E-step is compiled, then timed
+    ``repeats`` times, the sizes taken in turn each round (so drift hits them alike), best
+    time kept. :func:`choose_budget` picks the budget.
+
+    Args:
+      n_samples, n_features, n_components: the size timed (default: N = 2e5, D = K = 16).
+      covariance_types: which types to tune.
+      factors: multiples of the default budget to try (1 is always tried).
+      repeats: timed runs per block size.
+      store: record the chosen budgets for this machine (:func:`jaxem._cache.store_block_budgets`)
+        and use them from now on in this process.
+      seed: seeds the data and the parameters.
+      report: called with a line of text per covariance type (e.g. ``print``).
+
+    Returns:
+      ``{covariance type: {"budget": bytes chosen, "default": bytes, "seconds": {bytes:
+      best seconds}, "rows": {bytes: block rows}}}``.
+    """
+    _validation.check_int(n_samples, "n_samples", 1)
+    _validation.check_int(n_features, "n_features", 1)
+    _validation.check_int(n_components, "n_components", 1)
+    _validation.check_int(repeats, "repeats", 1)
+    types = tuple(covariance_types)
+    if not types:
+        raise ValueError("covariance_types is empty")
+    for t in types:
+        _validation.check_covariance_type(t)
+    factors = tuple(factors)
+    if not factors or not all(isinstance(f, int | float) and np.isfinite(f) and f > 0
+                              for f in factors):
+        raise ValueError(f"factors must be positive numbers, got {factors!r}")
+    results = {}
+    for cov_type in types:
+        x, params = _problem(n_samples, n_features, n_components, cov_type, seed)
+        default = gmm.default_budget_bytes(cov_type)
+        budgets = sorted({int(default * f) for f in (*factors, 1.0)})
+        rows = {b: gmm.auto_chunk_size(n_samples, n_components, n_features, np.float32,
+                                       cov_type, budget_bytes=b) for b in budgets}
+        compiled = {}
+        for b in budgets:  # budgets giving the same block share one program
+            if rows[b] not in compiled:
+                step = jax.jit(lambda p, x, c=rows[b]: gmm.e_step(p, x, chunk_size=c))
+                compiled[rows[b]] = step.lower(params, x).compile()
+                jax.block_until_ready(compiled[rows[b]](params, x))
+        best = {r: np.inf for r in compiled}
+        for _ in range(repeats):
+            for r, step in compiled.items():
+                t = time.perf_counter()
+                jax.block_until_ready(step(params, x))
+                best[r] = min(best[r], time.perf_counter() - t)
+        seconds = {b: best[rows[b]] for b in budgets}
+        chosen = choose_budget(default, seconds)
+        results[cov_type] = {"budget": chosen, "default": default, "seconds": seconds,
+                             "rows": rows}
+        if report is not None:
+            timings = ", ".join(f"{rows[b]}: {seconds[b] * 1e3:.2f}" for b in budgets)
+            report(f"{cov_type}: ms per E-step by block rows {{{timings}}}; keeps "
+                   f"{chosen / 2**20:g} MiB ({rows[chosen]} rows; default "
+                   f"{default / 2**20:g} MiB, {rows[default]} rows)")
+    if store:
+        budgets = {**_cache.tuned_block_budgets(),
+                   **{t: r["budget"] for t, r in results.items()}}
+        size = {"n_samples": n_samples, "n_features": n_features, "n_components": n_components}
+        if _cache.store_block_budgets(budgets, {"measured_on": size}) is None:
+            raise OSError(f"cannot write {_cache.tuning_file()}: its folder is not this "
+                          "user's own")
+    return results
