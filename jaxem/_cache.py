@@ -179,38 +179,57 @@ def _read_tuning(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def tuned_block_budgets() -> dict[str, int]:
-    """This machine's measured E-step block budgets in bytes, by covariance type ({} if none
-    were measured, or under ``JAXEM_NO_TUNING=1``); read once per process."""
+def _valid_budgets(budgets) -> dict[str, dict[str, int]]:
+    """The well-formed part of a record: ``{type: {"DxK": positive int bytes}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for cov_type, by_shape in (budgets.items() if isinstance(budgets, dict) else ()):
+        if not isinstance(by_shape, dict):
+            continue
+        good = {}
+        for shape, value in by_shape.items():
+            parts = str(shape).split("x")
+            if (len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts)
+                    and isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                good[str(shape)] = value
+        if good:
+            out[str(cov_type)] = good
+    return out
+
+
+def tuned_block_budgets() -> dict[str, dict[str, int]]:
+    """This machine's measured E-step block budgets in bytes, by covariance type and shape
+    ``"DxK"`` ({} if none were measured, or under ``JAXEM_NO_TUNING=1``); read once per
+    process."""
     if "tuned" not in _state:
         tuned = {}
         if os.environ.get(TUNING_ENV, "").strip() in ("", "0"):
             entry = _read_tuning(tuning_file()).get(machine_key(), {})
-            budgets = entry.get("budgets", {}) if isinstance(entry, dict) else {}
-            tuned = {str(k): int(v) for k, v in budgets.items()
-                     if isinstance(v, int) and not isinstance(v, bool) and v > 0}
+            tuned = _valid_budgets(entry.get("budgets") if isinstance(entry, dict) else None)
         _state["tuned"] = tuned
     return _state["tuned"]
 
 
-def store_block_budgets(budgets: dict[str, int], details: dict | None = None) -> Path | None:
-    """Record ``budgets`` (bytes by covariance type; an empty dict forgets this machine's)
-    for this machine in :func:`tuning_file`, and use them from now on in this process.
-    Returns the file, or None when its folder cannot be made private to this user."""
+def store_block_budgets(budgets: dict[str, dict[str, int]],
+                        details: dict | None = None) -> Path | None:
+    """Record ``budgets`` (bytes by covariance type and shape ``"DxK"``; an empty dict
+    forgets this machine's) for this machine in :func:`tuning_file`, and use them from now
+    on in this process. Returns the file, or None when its folder cannot be made private to
+    this user."""
     path = tuning_file()
     if not _private_dir(path.parent):
         return None
     data = _read_tuning(path)
     key = machine_key()
+    budgets = _valid_budgets(budgets)
     if budgets:
-        data[key] = {"budgets": {k: int(v) for k, v in budgets.items()}, **(details or {})}
+        data[key] = {"budgets": budgets, **(details or {})}
     else:
         data.pop(key, None)
     tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp")
     with tmp:
         json.dump(data, tmp, indent=1, sort_keys=True)
     os.replace(tmp.name, path)
-    _state["tuned"] = {k: int(v) for k, v in budgets.items()}
+    _state["tuned"] = budgets
     return path
 
 

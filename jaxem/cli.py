@@ -796,6 +796,18 @@ def _sample(args) -> int:
     return 0
 
 
+def _parse_shapes(spec: str) -> list[tuple[int, int]]:
+    """``--shapes 8x8,32x16``: (D, K) pairs."""
+    shapes = []
+    for part in spec.split(","):
+        d, _, k = part.strip().partition("x")
+        if not (d.isdigit() and k.isdigit() and int(d) >= 1 and int(k) >= 1):
+            raise ValueError(f"--shapes {spec!r}: give DxK pairs of positive integers, "
+                             "e.g. 8x8,32x16")
+        shapes.append((int(d), int(k)))
+    return shapes
+
+
 def _tune_blocks(args) -> int:
     import jax
 
@@ -808,14 +820,17 @@ def _tune_blocks(args) -> int:
                           "user's own")
         print(f"forgot this machine's block budgets in {path}")
         return 0
-    for name in ("n", "d", "k", "repeats"):
+    for name in ("n", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)}: must be >= 1")
+    shapes = tuning.TUNING_SHAPES if args.shapes is None else _parse_shapes(args.shapes)
+    types = _parse_cov_types(args.covariance_type)
     factors = ", ".join(f"x{f:g}" for f in tuning.TUNING_FACTORS)
-    print(f"timing the E-step at N={args.n}, D={args.d}, K={args.k} (float32) on "
-          f"{jax.devices()[0].device_kind}, block budgets {factors} the default:", flush=True)
-    tuning.tune_block_budgets(args.n, args.d, args.k, _parse_cov_types(args.covariance_type),
-                              repeats=args.repeats, store=not args.dry_run,
+    print(f"timing the E-step at N={args.n} (float32) on {jax.devices()[0].device_kind} for "
+          f"{len(shapes)} shape(s) x {len(types)} type(s), block budgets {factors} the "
+          "built-in one:", flush=True)
+    tuning.tune_block_budgets(args.n, shapes, types, repeats=args.repeats,
+                              store=not args.dry_run,
                               report=lambda line: print("  " + line, flush=True))
     if args.dry_run:
         print("(--dry-run: nothing recorded)")
@@ -953,8 +968,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the fastest per covariance type for this machine (backend, device, CPU, cores); "
         "later fits on this machine use them.")
     tune.add_argument("--n", type=int, default=200_000, help="samples timed (default 2e5)")
-    tune.add_argument("--d", type=int, default=16, help="features (default 16)")
-    tune.add_argument("--k", type=int, default=16, help="components (default 16)")
+    tune.add_argument("--shapes", metavar="DxK,...",
+                      help="features x components timed (default "
+                      "8x8,8x32,16x16,32x8,32x32,64x16,64x64); a fit takes the nearest")
     tune.add_argument("--covariance-type", default="all",
                       help="full, tied, diag, spherical, a comma list, or all (default)")
     tune.add_argument("--repeats", type=int, default=5,

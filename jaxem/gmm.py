@@ -458,13 +458,27 @@ def default_budget_bytes(covariance_type: str) -> int:
     return budget if jax.devices()[0].platform == "cpu" else budget * ACCELERATOR_BUDGET_SCALE
 
 
-def chunk_budget_bytes(covariance_type: str) -> int:
-    """The E-step block's temporaries budget on the default backend: the one measured on
-    this machine by :func:`jaxem.tuning.tune_block_budgets` (``jaxem tune-blocks``) if any,
-    else :func:`default_budget_bytes`; on a GPU or TPU at most
+def _nearest_shape_budget(by_shape: dict[str, int], n_features: int, n_components: int):
+    """The budget measured for the shape ``"DxK"`` nearest to (D, K) in (log D, log K)."""
+    def distance(shape):
+        d, k = (int(v) for v in shape.split("x"))
+        return math.log(d / n_features) ** 2 + math.log(k / n_components) ** 2
+
+    return by_shape[min(sorted(by_shape), key=distance)]
+
+
+def chunk_budget_bytes(covariance_type: str, n_features: int | None = None,
+                       n_components: int | None = None) -> int:
+    """The E-step block's temporaries budget on the default backend: given the shape, the
+    one measured on this machine for the nearest shape by
+    :func:`jaxem.tuning.tune_block_budgets` (``jaxem tune-blocks``) if any, else
+    :func:`default_budget_bytes`; on a GPU or TPU at most
     :data:`ACCELERATOR_BUDGET_MEMORY_SHARE` of its memory."""
     tuned = _cache.tuned_block_budgets().get(covariance_type)
-    budget = default_budget_bytes(covariance_type) if tuned is None else tuned
+    if tuned and n_features is not None and n_components is not None:
+        budget = _nearest_shape_budget(tuned, n_features, n_components)
+    else:
+        budget = default_budget_bytes(covariance_type)
     device = jax.devices()[0]
     if device.platform == "cpu":
         return budget
@@ -483,7 +497,7 @@ def auto_chunk_size(
     batch: int = 1, budget_bytes: int | None = None,
 ) -> int:
     """Rows per E-step block so that its temporaries fit in ``budget_bytes`` (default
-    :func:`chunk_budget_bytes`).
+    :func:`chunk_budget_bytes` for this shape).
 
     ``batch`` parameter sets processed together (vmapped restarts) share the budget.
     """
@@ -499,7 +513,7 @@ def auto_chunk_size(
         per_row = batch * 3 * k * d
     per_row = per_row * itemsize
     if budget_bytes is None:
-        budget_bytes = chunk_budget_bytes(covariance_type)
+        budget_bytes = chunk_budget_bytes(covariance_type, d, k)
     chunk = budget_bytes // per_row
     # Whole multiples of CHUNK_ROW_ALIGN rows: an odd block size (13,107 rows) made the
     # diag E-step at N = 2e5, D = K = 16 1.3x slower than its aligned neighbour (13,056),

@@ -38,6 +38,12 @@ def choose_budget(default: int, seconds: dict[int, float],
     return best if seconds[best] < (1.0 - min_gain) * seconds[default] else default
 
 
+# Shapes (D, K) timed by default: the best block differs with the shape as well as the
+# covariance type (full on the 2-core CPU: at N = 2e5, D = K = 16 blocks 4x the built-in
+# budget ran the E-step 1.5x faster; at N = 1e5, D = K = 32 the built-in one was best).
+TUNING_SHAPES = ((8, 8), (8, 32), (16, 16), (32, 8), (32, 32), (64, 16), (64, 64))
+
+
 def _problem(n: int, d: int, k: int, covariance_type: str, seed: int):
     """float32 blobs, and parameters initialised on them."""
     rng = np.random.default_rng(seed)
@@ -47,86 +53,103 @@ def _problem(n: int, d: int, k: int, covariance_type: str, seed: int):
     return jnp.asarray(x), params
 
 
+def _time_shape(n, d, k, cov_type, factors, repeats, seed):
+    """``(default, seconds by budget, rows by budget)`` for one shape and type."""
+    x, params = _problem(n, d, k, cov_type, seed)
+    default = gmm.default_budget_bytes(cov_type)
+    budgets = sorted({int(default * f) for f in (*factors, 1.0)})
+    rows = {b: gmm.auto_chunk_size(n, k, d, np.float32, cov_type, budget_bytes=b)
+            for b in budgets}
+    compiled = {}
+    for b in budgets:  # budgets giving the same block share one program
+        if rows[b] not in compiled:
+            step = jax.jit(lambda p, x, c=rows[b]: gmm.e_step(p, x, chunk_size=c))
+            compiled[rows[b]] = step.lower(params, x).compile()
+            jax.block_until_ready(compiled[rows[b]](params, x))
+    best = {r: np.inf for r in compiled}
+    for _ in range(repeats):  # the sizes in turn, so that drift hits them alike
+        for r, step in compiled.items():
+            t = time.perf_counter()
+            jax.block_until_ready(step(params, x))
+            best[r] = min(best[r], time.perf_counter() - t)
+    return default, {b: best[rows[b]] for b in budgets}, rows
+
+
 def tune_block_budgets(
     n_samples: int = 200_000,
-    n_features: int = 16,
-    n_components: int = 16,
+    shapes: Sequence[tuple[int, int]] = TUNING_SHAPES,
     covariance_types: Sequence[str] = COVARIANCE_TYPES,
     factors: Sequence[float] = TUNING_FACTORS,
     repeats: int = 5,
     store: bool = True,
     seed: int = 0,
     report: Callable[[str], None] | None = None,
-) -> dict[str, dict]:
-    """Time the E-step at block budgets around the current one and keep the fastest.
+) -> dict[str, dict[str, dict]]:
+    """Time the E-step at block budgets around the current one and keep the fastest, per
+    covariance type and shape.
 
-    For each covariance type, on float32 blobs of ``n_samples`` × ``n_features`` and
-    ``n_components`` components: every budget ``default × factor`` (see
+    For each covariance type and ``(n_features, n_components)`` of ``shapes``, on float32
+    blobs of ``n_samples`` rows: every budget ``default × factor`` (see
     :func:`jaxem.gmm.default_budget_bytes`) gives a block size
     (:func:`jaxem.gmm.auto_chunk_size`); each block size's E-step is compiled, then timed
-    ``repeats`` times, the sizes taken in turn each round (so drift hits them alike), best
-    time kept. :func:`choose_budget` picks the budget.
+    ``repeats`` times, the sizes taken in turn each round, best time kept;
+    :func:`choose_budget` picks the budget. A fit of another shape takes the budget of the
+    nearest shape measured (in log D, log K; :func:`jaxem.gmm.chunk_budget_bytes`).
 
     Args:
-      n_samples, n_features, n_components: the size timed (default: N = 2e5, D = K = 16).
+      n_samples: rows timed (default 2e5).
+      shapes: ``(D, K)`` pairs timed (default :data:`TUNING_SHAPES`).
       covariance_types: which types to tune.
       factors: multiples of the default budget to try (1 is always tried).
       repeats: timed runs per block size.
-      store: record the chosen budgets for this machine (:func:`jaxem._cache.store_block_budgets`)
+      store: record the chosen budgets for this machine (with those of types not tuned now)
         and use them from now on in this process.
       seed: seeds the data and the parameters.
-      report: called with a line of text per covariance type (e.g. ``print``).
+      report: called with a line of text per type and shape (e.g. ``print``).
 
     Returns:
-      ``{covariance type: {"budget": bytes chosen, "default": bytes, "seconds": {bytes:
-      best seconds}, "rows": {bytes: block rows}}}``.
+      ``{covariance type: {"DxK": {"budget": bytes chosen, "default": bytes, "seconds":
+      {bytes: best seconds}, "rows": {bytes: block rows}}}}``.
     """
     _validation.check_int(n_samples, "n_samples", 1)
-    _validation.check_int(n_features, "n_features", 1)
-    _validation.check_int(n_components, "n_components", 1)
     _validation.check_int(repeats, "repeats", 1)
     types = tuple(covariance_types)
     if not types:
         raise ValueError("covariance_types is empty")
     for t in types:
         _validation.check_covariance_type(t)
+    shapes = tuple(shapes)
+    if not shapes:
+        raise ValueError("shapes is empty")
+    for shape in shapes:
+        if (not isinstance(shape, tuple | list) or len(shape) != 2
+                or not all(isinstance(v, int | np.integer) and v >= 1 for v in shape)):
+            raise ValueError(f"shapes must be (n_features, n_components) pairs of positive "
+                             f"integers, got {shape!r}")
     factors = tuple(factors)
     if not factors or not all(isinstance(f, int | float) and np.isfinite(f) and f > 0
                               for f in factors):
         raise ValueError(f"factors must be positive numbers, got {factors!r}")
-    results = {}
+    results: dict[str, dict[str, dict]] = {}
     for cov_type in types:
-        x, params = _problem(n_samples, n_features, n_components, cov_type, seed)
-        default = gmm.default_budget_bytes(cov_type)
-        budgets = sorted({int(default * f) for f in (*factors, 1.0)})
-        rows = {b: gmm.auto_chunk_size(n_samples, n_components, n_features, np.float32,
-                                       cov_type, budget_bytes=b) for b in budgets}
-        compiled = {}
-        for b in budgets:  # budgets giving the same block share one program
-            if rows[b] not in compiled:
-                step = jax.jit(lambda p, x, c=rows[b]: gmm.e_step(p, x, chunk_size=c))
-                compiled[rows[b]] = step.lower(params, x).compile()
-                jax.block_until_ready(compiled[rows[b]](params, x))
-        best = {r: np.inf for r in compiled}
-        for _ in range(repeats):
-            for r, step in compiled.items():
-                t = time.perf_counter()
-                jax.block_until_ready(step(params, x))
-                best[r] = min(best[r], time.perf_counter() - t)
-        seconds = {b: best[rows[b]] for b in budgets}
-        chosen = choose_budget(default, seconds)
-        results[cov_type] = {"budget": chosen, "default": default, "seconds": seconds,
-                             "rows": rows}
-        if report is not None:
-            timings = ", ".join(f"{rows[b]}: {seconds[b] * 1e3:.2f}" for b in budgets)
-            report(f"{cov_type}: ms per E-step by block rows {{{timings}}}; keeps "
-                   f"{chosen / 2**20:g} MiB ({rows[chosen]} rows; default "
-                   f"{default / 2**20:g} MiB, {rows[default]} rows)")
+        results[cov_type] = {}
+        for d, k in shapes:
+            default, seconds, rows = _time_shape(n_samples, int(d), int(k), cov_type,
+                                                 factors, repeats, seed)
+            chosen = choose_budget(default, seconds)
+            results[cov_type][f"{d}x{k}"] = {"budget": chosen, "default": default,
+                                             "seconds": seconds, "rows": rows}
+            if report is not None:
+                timings = ", ".join(f"{rows[b]}: {seconds[b] * 1e3:.2f}"
+                                    for b in sorted(seconds))
+                report(f"{cov_type}, D={d}, K={k}: ms per E-step by block rows {{{timings}}}; "
+                       f"keeps {rows[chosen]} rows ({chosen / 2**20:g} MiB; built-in "
+                       f"{rows[default]} rows, {default / 2**20:g} MiB)")
     if store:
         budgets = {**_cache.tuned_block_budgets(),
-                   **{t: r["budget"] for t, r in results.items()}}
-        size = {"n_samples": n_samples, "n_features": n_features, "n_components": n_components}
-        if _cache.store_block_budgets(budgets, {"measured_on": size}) is None:
+                   **{t: {shape: r["budget"] for shape, r in by_shape.items()}
+                      for t, by_shape in results.items()}}
+        if _cache.store_block_budgets(budgets, {"n_samples": n_samples}) is None:
             raise OSError(f"cannot write {_cache.tuning_file()}: its folder is not this "
                           "user's own")
     return results

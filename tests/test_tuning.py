@@ -39,45 +39,59 @@ def test_choose_budget_keeps_the_default_unless_another_is_clearly_faster(times,
 
 def test_tuned_budgets_are_measured_stored_per_machine_and_used(tuning_home, monkeypatch):
     assert _cache.tuned_block_budgets() == {}
-    assert gmm.chunk_budget_bytes("diag") == gmm.default_budget_bytes("diag")
-    lines = []
-    out = tuning.tune_block_budgets(4096, 2, 2, ("diag",), factors=(0.5, 2.0), repeats=1,
-                                    report=lines.append)
-    r = out["diag"]
     default = gmm.default_budget_bytes("diag")
-    assert r["default"] == default and set(r["seconds"]) == {default // 2, default, default * 2}
-    assert r["budget"] == tuning.choose_budget(default, r["seconds"])
-    for b, rows in r["rows"].items():
-        assert rows == gmm.auto_chunk_size(4096, 2, 2, np.float32, "diag", budget_bytes=b)
-    assert len(lines) == 1 and lines[0].startswith("diag:")
+    assert gmm.chunk_budget_bytes("diag", 2, 2) == default
+    lines = []
+    out = tuning.tune_block_budgets(4096, ((2, 2), (4, 3)), ("diag",), factors=(0.5, 2.0),
+                                    repeats=1, report=lines.append)
+    assert set(out) == {"diag"} and set(out["diag"]) == {"2x2", "4x3"}
+    for shape, r in out["diag"].items():
+        d, k = map(int, shape.split("x"))
+        assert r["default"] == default
+        assert set(r["seconds"]) == {default // 2, default, default * 2}
+        assert r["budget"] == tuning.choose_budget(default, r["seconds"])
+        for b, rows in r["rows"].items():
+            assert rows == gmm.auto_chunk_size(4096, k, d, np.float32, "diag", budget_bytes=b)
+    assert len(lines) == 2 and lines[0].startswith("diag, D=2, K=2:")
     # recorded for this machine, used from now on, and by the next process
+    chosen = {shape: r["budget"] for shape, r in out["diag"].items()}
     data = json.loads(_cache.tuning_file().read_text())
-    assert data[_cache.machine_key()]["budgets"] == {"diag": r["budget"]}
-    assert gmm.chunk_budget_bytes("diag") == r["budget"]
+    assert data[_cache.machine_key()]["budgets"] == {"diag": chosen}
+    assert gmm.chunk_budget_bytes("diag", 2, 2) == chosen["2x2"]
     _cache._state.pop("tuned")
-    assert _cache.tuned_block_budgets() == {"diag": r["budget"]}
+    assert _cache.tuned_block_budgets() == {"diag": chosen}
+    # another shape takes the nearest one measured (log D, log K); other types the built-in
+    _cache.store_block_budgets({"diag": {"8x8": 2**20, "64x64": 2**24}})
+    assert gmm.chunk_budget_bytes("diag", 10, 12) == 2**20
+    assert gmm.chunk_budget_bytes("diag", 48, 40) == 2**24
+    assert gmm.chunk_budget_bytes("diag") == default  # no shape given
+    assert gmm.chunk_budget_bytes("full", 8, 8) == gmm.default_budget_bytes("full")
+    assert gmm.auto_chunk_size(10**6, 64, 64, np.float32, "diag") == gmm.auto_chunk_size(
+        10**6, 64, 64, np.float32, "diag", budget_bytes=2**24)
     # a measured budget changes the block size, so it is part of every stored program's key
     program = em._restarts_programs.default
     args = {"n_init": 2, "x": np.zeros((4, 2), np.float32)}
     key = program._key(args, {"x": args["x"]})
-    _cache.store_block_budgets({"diag": r["budget"] * 4})
-    assert gmm.chunk_budget_bytes("diag") == r["budget"] * 4
+    _cache.store_block_budgets({"diag": {"8x8": 2**21}})
     assert program._key(args, {"x": args["x"]}) != key
     # ignored: under JAXEM_NO_TUNING=1, another machine's entry, a malformed file
     monkeypatch.setenv(_cache.TUNING_ENV, "1")
     _cache._state.pop("tuned")
     assert _cache.tuned_block_budgets() == {}
     monkeypatch.delenv(_cache.TUNING_ENV)
-    for text in (json.dumps({"another machine": {"budgets": {"diag": 5}}}), "{not json",
-                 json.dumps({_cache.machine_key(): {"budgets": {"diag": -1, "full": True}}})):
+    for text in (json.dumps({"another machine": {"budgets": {"diag": {"8x8": 5}}}}),
+                 "{not json", json.dumps({_cache.machine_key(): {"budgets": {
+                     "diag": {"8x8": -1, "8x": 5, "full": True}, "full": 3}}})):
         _cache.tuning_file().write_text(text)
         _cache._state.pop("tuned")
         assert _cache.tuned_block_budgets() == {}
-        assert gmm.chunk_budget_bytes("diag") == default
+        assert gmm.chunk_budget_bytes("diag", 8, 8) == default
 
 
 def test_tuning_rejects_bad_input(tuning_home):
     for kwargs, match in [({"n_samples": 0}, "n_samples"), ({"repeats": 0}, "repeats"),
+                          ({"shapes": ()}, "shapes"), ({"shapes": ((8, 0),)}, "shapes"),
+                          ({"shapes": ((8,),)}, "shapes"),
                           ({"covariance_types": ()}, "covariance_types"),
                           ({"covariance_types": ("bogus",)}, "covariance_type"),
                           ({"factors": (0.0,)}, "factors"), ({"factors": ()}, "factors")]:
@@ -87,19 +101,25 @@ def test_tuning_rejects_bad_input(tuning_home):
 
 
 def test_tune_blocks_command(tuning_home):
-    out = run("tune-blocks", "--n", 2048, "--d", 2, "--k", 2, "--covariance-type", "spherical",
+    out = run("tune-blocks", "--n", 2048, "--shapes", "2x2", "--covariance-type", "spherical",
               "--repeats", 1, "--dry-run")
     assert out.returncode == 0, out.stderr
-    assert "spherical: ms per E-step" in out.stdout and "nothing recorded" in out.stdout
+    assert "spherical, D=2, K=2: ms per E-step" in out.stdout
+    assert "nothing recorded" in out.stdout
     assert not _cache.tuning_file().exists()
-    out = run("tune-blocks", "--n", 2048, "--d", 2, "--k", 2, "--covariance-type", "tied",
+    out = run("tune-blocks", "--n", 2048, "--shapes", "2x2,3x2", "--covariance-type", "tied",
               "--repeats", 1)
     assert out.returncode == 0 and str(_cache.tuning_file()) in out.stdout
     assert set(_cache.tuned_block_budgets()) == {"tied"}
+    assert set(_cache.tuned_block_budgets()["tied"]) == {"2x2", "3x2"}
     out = run("tune-blocks", "--reset")
     assert out.returncode == 0 and _cache.tuned_block_budgets() == {}
     assert _cache.machine_key() not in json.loads(_cache.tuning_file().read_text())
-    for args, match in [(("--n", 0), "--n 0"), (("--covariance-type", "x"), "--covariance-type")]:
+    for args, match in [(("--n", 0), "--n 0"), (("--covariance-type", "x"), "--covariance-type"),
+                        (("--shapes", "8x"), "--shapes")]:
         out = run("tune-blocks", *args)
         assert out.returncode == 2 and match in out.stderr and out.stderr.count("\n") == 1
+    # the command's help names the default shapes
+    help_text = " ".join(run("tune-blocks", "--help").stdout.split())
+    assert ",".join(f"{d}x{k}" for d, k in tuning.TUNING_SHAPES) in help_text
     jax.clear_caches()
