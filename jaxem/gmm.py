@@ -588,8 +588,7 @@ def e_step(
         rounding would exceed :data:`QUADRATIC_FORM_RTOL`, else whitens. ``"centred"``:
         always whitened/centred. ``"auto"`` (default): ``"product"`` where it pays
         (:func:`_product_form_pays`: large enough N·K·D, and for full 2K ≥ D and
-        K·D ≥ 256), else
-        ``"centred"``. Static.
+        K·D ≥ 256), else ``"centred"``. Static.
 
     Returns:
       ``(stats, log_likelihood)``: the statistics summed over samples, and the weighted mean
@@ -741,9 +740,8 @@ def _likely_ill_conditioned(params: GMMParams, c=None) -> _ExactRows:
     The rounding of ``Σ r (x−c)²`` relative to a component's variance grows like
     ``eps · ((μ−c)² + σ²)/σ²``; judged on the current parameters and weighted by 1/(K·π_k)
     towards small components (a far component, one on a few points, one about to
-    collapse). The check
-    after the sweep (:func:`_product_moments`) decides again on the new moments; ``needed``
-    only spares the rows' cost where they would not be used.
+    collapse). The check after the sweep (:func:`_product_moments`) decides again on the
+    new moments; ``needed`` only spares the rows' cost where they would not be used.
     """
     k = params.n_components
     var = jnp.broadcast_to(

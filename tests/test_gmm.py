@@ -241,20 +241,28 @@ def test_product_moments_check_trips_only_when_needed(rng):
         x[5 * j: 5 * j + 5] = 400.0 * (j + 1)
         means[k] = 400.0 * (j + 1) + 0.01
     params = gmm.make_params(params.weights, means, params.covariances, "diag")
-    exact = gmm._likely_ill_conditioned(params)
-    sums = gmm._blockwise_sum(
-        lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x, np.ones(2000), 256)
-    assert not bool(gmm._product_moments(params, exact, *sums)[2])
-    auto, _ = gmm.e_step(params, x, moments="product")
-    centred, _ = gmm.e_step(params, x, moments="centred")
-    assert tree_allclose(auto, centred, rtol=0.0)
+    auto = _check_trips_to_the_centred_moments(params, x)
     var = np.asarray(gmm.m_step(auto, 1e-6).covariances)[[3, 7, 11]]
     np.testing.assert_allclose(var, 1e-6, rtol=1e-3)
 
 
+def _check_trips_to_the_centred_moments(params, x):
+    """Asserts that the product form's check trips on (params, x) and that the E-step then
+    gives exactly the centred statistics, which it returns."""
+    exact = gmm._likely_ill_conditioned(params)
+    sums = gmm._blockwise_sum(
+        lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x, np.ones(len(x)), 256)
+    assert not bool(gmm._product_moments(params, exact, *sums)[2])
+    auto, _ = gmm.e_step(params, x, moments="product")
+    centred, _ = gmm.e_step(params, x, moments="centred")
+    assert tree_allclose(auto, centred, rtol=0.0)
+    return auto
+
+
 def test_exact_rows_are_skipped_only_where_no_component_is_at_risk(rng):
-    # The exact rows are taken only when a component's predicted rounding comes within
-    # EXACT_ROWS_MARGIN of the tolerance. Benign data: skipped, and the check passes.
+    # The exact rows are taken only when a component's predicted rounding, weighted towards
+    # small components, comes within EXACT_ROWS_MARGIN of the tolerance. Benign data:
+    # skipped, and the check passes.
     x, params = _diag_problem(rng, 16, 1e4, 3.0, 0, "diag", n=2000)
     assert not bool(gmm._likely_ill_conditioned(params).needed)
     far = gmm.make_params(params.weights, params.means.at[5].add(400.0), params.covariances,
@@ -280,14 +288,8 @@ def test_exact_rows_are_skipped_only_where_no_component_is_at_risk(rng):
     cov = np.concatenate([np.ones((3, 2)), np.full((1, 2), 60.0**2)]).astype(np.float32)
     params = gmm.make_params(np.asarray([0.323, 0.323, 0.324, 0.03], np.float32), means, cov,
                              "diag")
-    exact = gmm._likely_ill_conditioned(params)
-    assert not bool(exact.needed)
-    sums = gmm._blockwise_sum(
-        lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x, np.ones(2000), 256)
-    assert not bool(gmm._product_moments(params, exact, *sums)[2])
-    auto, _ = gmm.e_step(params, x, moments="product")
-    centred, _ = gmm.e_step(params, x, moments="centred")
-    assert tree_allclose(auto, centred, rtol=0.0)
+    assert not bool(gmm._likely_ill_conditioned(params).needed)
+    auto = _check_trips_to_the_centred_moments(params, x)
     assert np.all(np.asarray(gmm.m_step(auto, 1e-6).covariances)[3] < 1.0)  # from 3600
 
 
