@@ -476,9 +476,13 @@ def chunk_budget_bytes(covariance_type: str, n_features: int | None = None,
     :data:`ACCELERATOR_BUDGET_MEMORY_SHARE` of its memory."""
     tuned = _cache.tuned_block_budgets().get(covariance_type)
     if tuned and n_features is not None and n_components is not None:
-        budget = _nearest_shape_budget(tuned, n_features, n_components)
-    else:
-        budget = default_budget_bytes(covariance_type)
+        return within_device_memory(_nearest_shape_budget(tuned, n_features, n_components))
+    return within_device_memory(default_budget_bytes(covariance_type))
+
+
+def within_device_memory(budget: int) -> int:
+    """``budget`` bytes, on a GPU or TPU at most :data:`ACCELERATOR_BUDGET_MEMORY_SHARE` of
+    its memory (CPUs: unchanged)."""
     device = jax.devices()[0]
     if device.platform == "cpu":
         return budget

@@ -57,7 +57,9 @@ def _time_shape(n, d, k, cov_type, factors, repeats, seed):
     """``(default, seconds by budget, rows by budget)`` for one shape and type."""
     x, params = _problem(n, d, k, cov_type, seed)
     default = gmm.default_budget_bytes(cov_type)
-    budgets = sorted({int(default * f) for f in (*factors, 1.0)})
+    # (On a GPU or TPU each within the share of its memory a fit would allow.)
+    budgets = sorted({gmm.within_device_memory(int(default * f)) for f in (*factors, 1.0)})
+    default = gmm.within_device_memory(default)
     rows = {b: gmm.auto_chunk_size(n, k, d, np.float32, cov_type, budget_bytes=b)
             for b in budgets}
     compiled = {}

@@ -659,3 +659,6 @@ def test_block_budget_follows_the_backend(monkeypatch):
     assert gpu_rows >= 100 * cpu_rows and gpu_rows % gmm.CHUNK_ROW_ALIGN == 0
     monkeypatch.setattr(gmm.jax, "devices", lambda *a: [FakeGPU(2**30)])  # a 1 GiB device
     assert gmm.chunk_budget_bytes("full") == 2**30 // 32
+    # the same cap holds for every budget tried or measured (jaxem.tuning)
+    assert gmm.within_device_memory(2**40) == 2**30 // 32
+    assert gmm.within_device_memory(2**20) == 2**20
