@@ -210,14 +210,14 @@ def tuned_block_budgets() -> dict[str, dict[str, int]]:
 
 
 def store_block_budgets(budgets: dict[str, dict[str, int]],
-                        details: dict | None = None) -> Path | None:
+                        details: dict | None = None) -> Path:
     """Record ``budgets`` (bytes by covariance type and shape ``"DxK"``; an empty dict
     forgets this machine's) for this machine in :func:`tuning_file`, and use them from now
-    on in this process. Returns the file, or None when its folder cannot be made private to
-    this user."""
+    on in this process. Returns the file; raises ``OSError`` when its folder cannot be made
+    private to this user."""
     path = tuning_file()
     if not _private_dir(path.parent):
-        return None
+        raise OSError(f"cannot write {path}: its folder is not this user's own")
     data = _read_tuning(path)
     key = machine_key()
     budgets = _valid_budgets(budgets)

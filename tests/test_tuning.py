@@ -100,6 +100,17 @@ def test_tuning_rejects_bad_input(tuning_home):
     assert not _cache.tuning_file().exists()
 
 
+def test_a_folder_that_cannot_be_made_private_is_refused(tuning_home, monkeypatch):
+    blocked = tuning_home / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # no folder can be made under a file
+    with pytest.raises(OSError, match="not this user's own"):
+        _cache.store_block_budgets({"diag": {"8x8": 2**20}})
+    out = run("tune-blocks", "--reset")
+    assert out.returncode == 2 and "not this user's own" in out.stderr
+    assert _cache.tuned_block_budgets() == {}
+
+
 def test_tune_blocks_command(tuning_home):
     out = run("tune-blocks", "--n", 2048, "--shapes", "2x2", "--covariance-type", "spherical",
               "--repeats", 1, "--dry-run")
