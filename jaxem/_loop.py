@@ -83,9 +83,24 @@ class RestartsResult(NamedTuple):
 def initial_params(model, x, weights, key, n_init: int, n_components: int, method: str,
                    init_kwargs: dict, hyper: dict):
     """``n_init`` initial parameter sets (leading axis) from ``model.init``, the i-th from
-    the i-th of ``jax.random.split(key, n_init)``; traced (every driver's programs call it)."""
+    the i-th of :func:`restart_keys` ``(key, n_init)``; traced (every driver's programs call
+    it)."""
     return jax.vmap(lambda k: model.init(k, x, n_components, weights=weights, method=method,
-                                         **init_kwargs, **hyper))(jax.random.split(key, n_init))
+                                         **init_kwargs, **hyper))(restart_keys(key, n_init))
+
+
+def restart_keys(key, n_init: int) -> jax.Array:
+    """The restarts' keys: ``jax.random.split(key, n_init)``."""
+    return jax.random.split(key, n_init)
+
+
+def best_restart(runs: FitResult) -> RestartsResult:
+    """The restarts' runs (leading axis) with the best picked: the highest lower bound; a
+    restart that never produced a finite bound cannot win."""
+    score = jnp.where(jnp.isfinite(runs.lower_bound), runs.lower_bound, -jnp.inf)
+    best_index = jnp.argmax(score).astype(jnp.int32)
+    best = jax.tree_util.tree_map(lambda a: a[best_index], runs)
+    return RestartsResult(best, best_index, runs)
 
 
 def all_finite(tree) -> jax.Array:

@@ -66,49 +66,63 @@ def _draw(u: jax.Array, mass: jax.Array, order: jax.Array) -> jax.Array:
     return order[pos]
 
 
-def _uniforms(key, n: int, dtype) -> jax.Array:
-    """(n,) uniform variates, the i-th from ``fold_in(key, i)``: the first m of them do not
-    depend on n, so a search over K draws for K live clusters exactly what a K-cluster
-    program draws."""
-    return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (), dtype))(
-        jnp.arange(n))
+# Candidate j of centre i is drawn with the variate of index i·_DRAW_STRIDE + j: unique for
+# up to _DRAW_STRIDE candidates a centre, and the same whatever the number of clusters.
+_DRAW_STRIDE = 1 << 16
+
+
+def _seeding_uniforms(key, n_clusters: int, n_trials: int, dtype) -> jax.Array:
+    """(K, T) uniform variates for the seeding, entry (i, j) from
+    ``fold_in(key, i·_DRAW_STRIDE + j)``: a row does not depend on how many rows (clusters)
+    follow nor an entry on how many candidates there are, so a search over K draws for K
+    live clusters exactly what a K-cluster program draws. All of them come from one
+    vectorised draw: each random call site compiles a hash of its own, and drawn centre by
+    centre (four sites, the first centre outside the loop) the seeding of 1,000 datasets ×
+    200 rows compiled in 0.43 s instead of 0.24 s."""
+    idx = (jnp.arange(n_clusters, dtype=jnp.uint32)[:, None] * _DRAW_STRIDE
+           + jnp.arange(n_trials, dtype=jnp.uint32)[None])
+    return jax.vmap(jax.vmap(
+        lambda i: jax.random.uniform(jax.random.fold_in(key, i), (), dtype)))(idx)
 
 
 def _plusplus(key, xc, x_sq, w, n_clusters: int, n_live=None):
     """Greedy k-means++ in ``n_clusters`` slots, of which the first ``n_live`` (traced;
     default all) get centres; the others stay at 0 (the data's centre) and are dead.
 
-    The centres of the live slots equal those of an ``n_live``-cluster run with the same
-    key: the i-th centre's candidates come from the i-th key of the same split chain, one
-    ``fold_in`` per candidate, and only the first :func:`seeding_trials` (``n_live``) of
-    the candidates compete.
+    The first centre is drawn by weight; each next one is the best of
+    :func:`seeding_trials` (``n_live``) candidates drawn by weight × squared distance to the
+    nearest centre so far (scikit-learn's greedy rule). The centres of the live slots equal
+    those of an ``n_live``-cluster run with the same key: every candidate has its own
+    variate (:func:`_seeding_uniforms`), and only the first :func:`seeding_trials`
+    (``n_live``) of them compete. One loop over the slots, the first included, so the draw
+    and the distances are traced and compiled once.
     """
     n, d = xc.shape
     n_live = n_clusters if n_live is None else n_live
     max_trials = seeding_trials(n_clusters)
     n_trials = jnp.asarray([seeding_trials(k) for k in range(1, n_clusters + 1)])[n_live - 1]
     order = _sampling_order(xc)
-    key, first = jax.random.split(key)
-    idx0 = _draw(jax.random.uniform(first, (), xc.dtype), w, order)
-    centers = jnp.zeros((n_clusters, d), xc.dtype).at[0].set(xc[idx0])
-    closest = _sq_distances(xc, x_sq, xc[idx0][None])[:, 0]
+    u = _seeding_uniforms(key, n_clusters, max_trials, xc.dtype)
+    trial = jnp.arange(max_trials)
 
     def body(i, carry):
-        centers, closest, key = carry
-        key, sub = jax.random.split(key)
-        mass = w * closest
-        # Where every point already sits on a centre (duplicates), sample by weight alone.
+        centers, closest = carry
+        # The first centre: by weight alone, one candidate. Later ones by weight × distance;
+        # where every point already sits on a centre (duplicates), by weight alone.
+        mass = w * jnp.where(i > 0, closest, 0.0)
         mass = jnp.where(jnp.sum(mass) > 0, mass, w)
-        cand = _draw(_uniforms(sub, max_trials, xc.dtype), mass, order)
+        cand = _draw(u[i], mass, order)
         d_cand = _sq_distances(xc, x_sq, xc[cand])  # (N, T)
         new_closest = jnp.minimum(closest[:, None], d_cand)
         pot = jnp.sum(w[:, None] * new_closest, axis=0)
-        best = jnp.argmin(jnp.where(jnp.arange(max_trials) < n_trials, pot, jnp.inf))
+        competing = trial < jnp.where(i > 0, n_trials, 1)
+        best = jnp.argmin(jnp.where(competing, pot, jnp.inf))
         live = i < n_live
         return (centers.at[i].set(jnp.where(live, xc[cand[best]], centers[i])),
-                jnp.where(live, new_closest[:, best], closest), key)
+                jnp.where(live, new_closest[:, best], closest))
 
-    centers, _, _ = jax.lax.fori_loop(1, n_clusters, body, (centers, closest, key))
+    init = (jnp.zeros((n_clusters, d), xc.dtype), jnp.full((n,), jnp.inf, xc.dtype))
+    centers, _ = jax.lax.fori_loop(0, n_clusters, body, init)
     return centers
 
 
