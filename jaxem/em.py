@@ -200,9 +200,11 @@ class ProgramVariants(NamedTuple):
 
 
 def jit_variants(fn, static_argnames) -> ProgramVariants:
-    """``jit(fn)`` with the default, quick and small compiler options."""
+    """``jit(fn)`` with the default (:data:`jaxem._cache.DEFAULT_COMPILE_OPTIONS`), quick
+    and small compiler options."""
     return ProgramVariants(*(_cache.StoredProgram(fn, static_argnames, options) for options in
-                             (None, QUICK_COMPILE_OPTIONS, SMALL_COMPILE_OPTIONS)))
+                             (_cache.DEFAULT_COMPILE_OPTIONS, QUICK_COMPILE_OPTIONS,
+                              SMALL_COMPILE_OPTIONS)))
 
 
 def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, progress=None,
@@ -215,7 +217,8 @@ def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, pro
     return _over_devices(loop, mesh)(x, weights, params, tol, max_iter, hyper, lower_bound)
 
 
-_fit_jit = jax.jit(_fit_program, static_argnames=("model", "n_history", "mesh", "progress"))
+_fit_jit = _cache.StoredProgram(_fit_program, ("model", "n_history", "mesh", "progress"),
+                                _cache.DEFAULT_COMPILE_OPTIONS)
 
 
 def _init_sample(key, x, weights, n_rows: int | None):
@@ -405,10 +408,17 @@ def host_array(value, dtype) -> jax.Array:
     hyperparameter, an iteration cap), made with NumPy and put on the device: an eager
     ``jnp.asarray`` or ``jnp.int32`` compiles a conversion program, and lowering the first
     program of a process costs ~0.15 s, all of a warm small fit's budget
-    (:class:`jaxem._cache.StoredProgram`). Traced values go through ``jnp.asarray``."""
+    (:class:`jaxem._cache.StoredProgram`). Traced values go through ``jnp.asarray``. A
+    finite value beyond a floating dtype's range becomes its largest finite value, not inf
+    (a float32 fit with ``tol=3.4029e38`` stops as with any huge tolerance)."""
     if _validation.is_traced(value):
         return jnp.asarray(value, dtype)
-    return jax.device_put(np.asarray(value, jax.dtypes.canonicalize_dtype(dtype)))
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    value = np.asarray(value)
+    if np.issubdtype(dtype, np.floating) and np.all(np.isfinite(value)):
+        big = np.finfo(dtype).max
+        value = np.clip(value, -big, big)
+    return jax.device_put(value.astype(dtype))
 
 
 # For these seeds the default generator's key is the seed's two 32-bit halves

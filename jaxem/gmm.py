@@ -197,19 +197,21 @@ def _diag_log_joint(params: GMMParams, xc: jax.Array, m: jax.Array):
       m: (K, D) means minus c.
 
     Returns:
-      ``(log_joint, z)``: the (C, K) log-joint ``z @ B + b`` with ``z = [(x−c)², x−c]``
-      (C, 2D) and ``B = [−½ P², P² m]ᵀ``; ``z`` also gives the product-form moments
-      ``rᵀ z``. Rounding is ~eps·(distance from c in standard deviations)².
+      ``(log_joint, sq)``: the (C, K) log-joint ``sq @ (−½ P²)ᵀ + xc @ (P² m)ᵀ + b`` with
+      ``sq = (x−c)²`` (C, D); ``sq`` and ``xc`` also give the product-form moments ``rᵀ sq``,
+      ``rᵀ xc``. Rounding is ~eps·(distance from c in standard deviations)². (Two products
+      rather than one over ``[sq, xc]``: XLA:CPU builds that (C, 2D) concatenation element
+      by element, which took 60% of a diag E-step at N = 1e5, D = 32, K = 8: 5.9 → 2.6 ms.)
     """
     k, d = m.shape
     pc = params.precisions_cholesky
     p2 = pc**2 if params.covariance_type == "diag" else jnp.broadcast_to(pc[:, None] ** 2, (k, d))
-    z = jnp.concatenate([xc * xc, xc], axis=1)
-    b = jnp.concatenate([-0.5 * p2, p2 * m], axis=1).T  # (2D, K)
+    sq = xc * xc
     log_det = log_det_precision_cholesky(pc, params.covariance_type, d)
     const = (log_det + _log_weights(params.weights)
              - 0.5 * (d * _LOG_2PI + jnp.sum(p2 * m * m, axis=1)))
-    return jnp.matmul(z, b, precision=PRECISION) + const[None], z
+    mm = functools.partial(jnp.matmul, precision=PRECISION)
+    return mm(sq, -0.5 * p2.T) + mm(xc, (p2 * m).T) + const[None], sq
 
 
 def _log_joint_block(params: GMMParams, x: jax.Array) -> jax.Array:
@@ -256,7 +258,7 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
 
     full/tied are laid out samples-last ((K, C), (K·D, C)) so that the heavy steps are
     single large matrix products (see :func:`_whitened_sq_t` and :func:`_moments_t`);
-    diag/spherical samples-first around one (C, 2D) array (:func:`_diag_log_joint`). With
+    diag/spherical samples-first around (x−c)² and x−c (:func:`_diag_log_joint`). With
     ``exact`` (:class:`_ExactRows`; diag/spherical) the moments are taken as products
     about the mixture centre, and, where ``exact.needed``, centred on the means for its R
     components too (see :func:`_product_moments`). With ``quad = (B, const)`` (full) the
@@ -270,7 +272,7 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
     xc = x - c[None]  # (C, D)
     m = params.means - c[None]  # (K, D)
     if cov_type in ("diag", "spherical"):
-        log_prob, z = _diag_log_joint(params, xc, m)  # (C, K), (C, 2D)
+        log_prob, sq = _diag_log_joint(params, xc, m)  # (C, K), (C, D)
         log_norm = jax.nn.logsumexp(log_prob, axis=1)  # (C,)
         wr = (w[:, None] * jnp.exp(log_prob - log_norm[:, None])).T  # (K, C)
     elif quad is not None:  # full, as a quadratic form (see _full_quadratic_coefs)
@@ -290,14 +292,15 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
         moments = _moments_t(xc, wr, m, cov_type)
     elif exact is not None:
         d = xc.shape[1]
-        s = jnp.matmul(wr, z, precision=PRECISION)  # (K, 2D): Σ w r (x−c)², Σ w r (x−c)
+        s_sq = jnp.matmul(wr, sq, precision=PRECISION)  # (K, D): Σ w r (x−c)²
+        s_lin = jnp.matmul(wr, xc, precision=PRECISION)  # (K, D): Σ w r (x−c)
         idx = exact.index
         # (The skipped rows' zeros like the block's, so that inside shard_map both branches
         # vary over the devices alike.)
         skipped = jnp.broadcast_to(jnp.zeros_like(xc[:1]), (idx.shape[0], d))
         rows = jax.lax.cond(exact.needed, lambda: _diag_moments(xc, wr[idx], m[idx]),
                             lambda: (skipped, skipped))
-        moments = (jnp.sum(wr, axis=1), s[:, d:], s[:, :d], *rows)
+        moments = (jnp.sum(wr, axis=1), s_lin, s_sq, *rows)
     # Weight-zero rows (padding, overlap) add exactly zero, even if their density overflowed;
     # where it did not, d total / d w_n = log p(x_n) still holds at w_n = 0.
     total = jnp.sum(w * jnp.where((w > 0) | jnp.isfinite(log_norm), log_norm, 0.0))

@@ -169,3 +169,37 @@ def test_the_store_turns_on_with_the_cache_even_if_a_driver_ran_before(tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("STORE ")[1].strip() == str(tmp_path / "jaxem" / "programs")
     assert any((tmp_path / "jaxem" / "programs").iterdir())
+
+
+def test_compiler_options_this_xla_does_not_know_are_dropped():
+    """An option XLA refuses ("No such compile option") would fail every compile: it is
+    dropped, the others kept, and a program built with it still runs."""
+    known = {"xla_backend_optimization_level": 1}
+    assert _cache.supported_options({**known, "xla_jaxem_no_such_option": True}) == known
+    assert _cache.supported_options({"xla_jaxem_no_such_option": True}) is None
+    assert _cache.supported_options(None) is None
+    program = _cache.StoredProgram(lambda a: a * 2, (), {"xla_jaxem_no_such_option": True,
+                                                         **_cache.DEFAULT_COMPILE_OPTIONS})
+    assert float(program(np.float32(3.0))) == 6.0
+
+
+def test_programs_whose_run_time_matters_compile_without_ynnpack_fusions():
+    """The default-option programs and every fit hand no work to XLA:CPU's YNNPACK fusions
+    (slow for a mixture's small dimensions; see _cache.DEFAULT_COMPILE_OPTIONS)."""
+    from jaxem import em, gmm
+
+    x = np.random.default_rng(0).normal(size=(512, 8)).astype(np.float32)
+    model = gmm.GaussianMixtureModel("full")
+    params = gmm.init(jax.random.PRNGKey(0), x, 8, "full")
+    hyper = {"reg_covar": np.float32(1e-6)}
+    args = (model, x, None, params, np.float32(1e-3), np.int32(5), hyper)
+    fit = em._fit_jit.lower(*args, n_history=128).compile().as_text()
+    plain = jax.jit(em._fit_program, static_argnames=("model", "n_history")).lower(
+        *args, n_history=128).compile().as_text()
+    if jax.default_backend() == "cpu" and jax.__version__.startswith("0.10."):
+        assert "__ynn_fusion" in plain  # this XLA would use them (so the check can fail)
+    restarts = em._restarts_programs.default.lower(
+        model, x, None, jax.random.PRNGKey(0), np.float32(1e-3), np.int32(5), 2, 8, "kmeans",
+        {}, hyper, n_history=128).compile().as_text()
+    for text in (fit, restarts):
+        assert "__ynn_fusion" not in text

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_blobs
 from helpers import enable_x64
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_cli import run
 
@@ -409,6 +409,9 @@ def test_fuzz_mutated_model_files_for_load(tmp_path_factory, model_bytes, cut, f
        max_iter=st.one_of(st.integers(-1, 3), st.floats(0, 3)),
        random_state=st.one_of(st.none(), st.integers(-1, 2**65)),
        init_params=st.sampled_from(["kmeans", "k-means++", "random", "random_from_data", "?"]))
+# A finite tol just beyond float32's range (it once overflowed to inf with a warning).
+@example(n_components=1, covariance_type="full", tol=3.4028235677973366e38, reg_covar=0.0,
+         max_iter=0, random_state=None, init_params="kmeans")
 def test_fuzz_estimator_arguments(n_components, covariance_type, tol, reg_covar, max_iter,
                                   random_state, init_params):
     x = make_blobs(np.random.default_rng(2), n_per=10, k=2, d=2)
