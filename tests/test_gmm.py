@@ -22,10 +22,17 @@ COV_TYPES = ["full", "tied", "diag", "spherical"]
 
 
 @pytest.mark.parametrize("cov_type", COV_TYPES)
-def test_log_joint_matches_scipy(x64, rng, cov_type):
-    params = random_params(rng, 3, 4, cov_type)
-    x = rng.normal(size=(50, 4)) * 3
+@pytest.mark.parametrize("k, d", [(3, 4), (6, 2)])  # diag/spherical: samples first, last
+def test_log_joint_matches_scipy(x64, rng, cov_type, k, d):
+    params = random_params(rng, k, d, cov_type)
+    x = rng.normal(size=(50, d)) * 3
     np.testing.assert_allclose(gmm.log_joint(params, x), log_joint_oracle(params, x), rtol=1e-10)
+    # The E-step's log-likelihood, through its own block layout (gmm._diag_samples_last).
+    _, ll = gmm.e_step(params, x)
+    oracle = log_joint_oracle(params, x)
+    top = oracle.max(axis=1, keepdims=True)
+    log_p = top[:, 0] + np.log(np.exp(oracle - top).sum(axis=1))
+    np.testing.assert_allclose(float(ll), log_p.mean(), rtol=1e-10)
 
 
 @pytest.mark.parametrize("cov_type", COV_TYPES)
