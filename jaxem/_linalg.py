@@ -74,17 +74,27 @@ def _chol_to_prec_chol(cov: jax.Array) -> jax.Array:
 def lower_triangular_inverse(chol: jax.Array) -> jax.Array:
     """``inv(L)`` of lower-triangular matrices (..., D, D); NaN rows where ``L`` has NaN.
 
-    On CPUs by forward substitution in JAX operations, elsewhere by the backend's triangular
-    solve. (JAX's CPU triangular solve calls the LAPACK/BLAS that scipy ships, OpenBLAS,
-    which runs a 32 × 32 solve on threads of its own; those threads then spin beside XLA's
-    and slowed a whole EM iteration on the 2-core CPU by a quarter to a half: full, N = 1e5,
-    D = 32, K = 8, 36-41 ms against 21-28 ms with this loop. The Cholesky factorisation
-    itself stays with LAPACK: OpenBLAS does not thread it at these sizes.)
+    On CPUs from :data:`SUBSTITUTION_MIN_FEATURES` features up by forward substitution in
+    JAX operations, otherwise by the backend's triangular solve. (JAX's CPU triangular
+    solve calls the LAPACK/BLAS that scipy ships, OpenBLAS, which runs a 32 × 32 solve on
+    threads of its own; those threads then spin beside XLA's and slowed a whole EM
+    iteration on the 2-core CPU by a quarter to a half: full, N = 1e5, D = 32, K = 8, 36-41
+    ms against 21-28 ms with this loop. The Cholesky factorisation itself stays with
+    LAPACK: OpenBLAS does not thread it at these sizes.)
     """
     eye = jnp.broadcast_to(jnp.eye(chol.shape[-1], dtype=chol.dtype), chol.shape)
+    if chol.shape[-1] < SUBSTITUTION_MIN_FEATURES:
+        return solve_triangular(chol, eye, lower=True)
     return jax.lax.platform_dependent(
         chol, cpu=_forward_substitution_inverse,
         default=lambda a: solve_triangular(a, eye, lower=True))
+
+
+# Below this many features OpenBLAS solves on one thread (measured per iteration, full,
+# N = 1e5, LAPACK / loop: D = K = 16 15.3 / 15.1 ms, D = 24, K = 8 12.4 / 12.3 ms), and
+# LAPACK's call compiles faster than the loop (a 1,000-dataset fit_batch at D = 2: 0.69
+# against 0.78 s).
+SUBSTITUTION_MIN_FEATURES = 24
 
 
 def _forward_substitution_inverse(chol: jax.Array) -> jax.Array:

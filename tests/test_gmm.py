@@ -432,11 +432,12 @@ def test_make_params_precisions_and_covariances_agree(x64, rng):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), d=st.integers(1, 12), batch=st.integers(1, 4),
-       scale=st.sampled_from([1e-3, 1.0, 1e3]))
+@given(seed=st.integers(0, 2**31 - 1), d=st.sampled_from([1, 2, 5, 12, 24, 33]),
+       batch=st.integers(1, 4), scale=st.sampled_from([1e-3, 1.0, 1e3]))
 def test_lower_triangular_inverse_equals_lapacks(seed, d, batch, scale):
-    """The CPU's forward substitution (see _linalg.lower_triangular_inverse) is the inverse
-    LAPACK's triangular solve gives, and its gradient is that solve's."""
+    """The CPU's forward substitution (see _linalg.lower_triangular_inverse; used from
+    SUBSTITUTION_MIN_FEATURES up) is the inverse LAPACK's triangular solve gives, and its
+    gradient is that solve's."""
     from jaxem import _linalg
 
     rng = np.random.default_rng(seed)
@@ -455,13 +456,14 @@ def test_lower_triangular_inverse_equals_lapacks(seed, d, batch, scale):
                                    rtol=1e-9, atol=1e-12 * np.abs(ours).max())
         weights = rng.normal(size=chol.shape)
         grads = [jax.grad(lambda t, f=f: jnp.sum(weights * f(t)))(chol)
-                 for f in (_linalg.lower_triangular_inverse, lapack)]
+                 for f in (_linalg._forward_substitution_inverse, lapack)]
         np.testing.assert_allclose(np.tril(grads[0]), np.tril(grads[1]), rtol=1e-7,
                                    atol=1e-10 * np.abs(grads[1]).max())
     # A factor with NaN (a covariance that was not positive definite) gives NaN rows from
     # there on, never a finite wrong answer.
     bad = chol.astype(np.float32)
     bad[0, d - 1, d - 1] = np.nan
+    assert np.all(np.isnan(np.asarray(_linalg._forward_substitution_inverse(bad))[0, d - 1]))
     assert np.all(np.isnan(np.asarray(_linalg.lower_triangular_inverse(bad))[0, d - 1]))
 
 
