@@ -285,12 +285,19 @@ DEFAULT_COMPILE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 def supported_options(options: dict | None) -> dict | None:
     """``options`` less those this XLA does not know: an experimental option may be renamed
-    or retired in a later jaxlib, and compiling with an unknown option fails. Each option is
-    tried once per process, on a trivial program (~10 ms)."""
+    or retired in a later jaxlib, and compiling with an unknown option fails. Each option
+    outside :data:`_ESTABLISHED_OPTIONS` is tried once per process, on a trivial program
+    (~10 ms, only when a program that uses it is first built)."""
     if not options:
         return options
-    kept = {name: value for name, value in options.items() if _option_known(name, value)}
+    kept = {name: value for name, value in options.items()
+            if name in _ESTABLISHED_OPTIONS or _option_known(name, value)}
     return kept or None
+
+
+# Options every jaxlib this package supports (>= 0.10) knows: not worth a probe compile.
+_ESTABLISHED_OPTIONS = frozenset({"xla_backend_optimization_level",
+                                  "xla_cpu_use_fusion_emitters"})
 
 
 @functools.cache
