@@ -198,7 +198,7 @@ def _diag_samples_last(n_features: int, n_components: int) -> bool:
 
 
 def _diag_log_joint(params: GMMParams, xc: jax.Array, m: jax.Array, samples_last: bool):
-    """diag/spherical log-joint of one block as one product, samples first.
+    """diag/spherical log-joint of one block as two products.
 
     Args:
       params: mixture parameters (diag or spherical).
@@ -273,7 +273,8 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
 
     full/tied are laid out samples-last ((K, C), (K·D, C)) so that the heavy steps are
     single large matrix products (see :func:`_whitened_sq_t` and :func:`_moments_t`);
-    diag/spherical samples-first around (x−c)² and x−c (:func:`_diag_log_joint`). With
+    diag/spherical around (x−c)² and x−c, samples last when K ≥ D
+    (:func:`_diag_log_joint`, :func:`_diag_samples_last`). With
     ``exact`` (:class:`_ExactRows`; diag/spherical) the moments are taken as products
     about the mixture centre, and, where ``exact.needed``, centred on the means for its R
     components too (see :func:`_product_moments`). With ``quad = (B, const)`` (full) the
@@ -287,7 +288,7 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
     xc = x - c[None]  # (C, D)
     m = params.means - c[None]  # (K, D)
     if cov_type in ("diag", "spherical"):
-        last = _diag_samples_last(*xc.shape[1:], params.n_components)
+        last = _diag_samples_last(params.n_features, params.n_components)
         log_prob, sq = _diag_log_joint(params, xc, m, last)  # (K, C) or (C, K); (C, D)
         wr, log_norm = _weighted_responsibilities(log_prob, w, axis=0 if last else 1)
         wr = wr if last else wr.T  # (K, C)
