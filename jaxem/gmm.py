@@ -149,13 +149,23 @@ def _center(params: GMMParams) -> jax.Array:
     return jnp.matmul(params.weights, params.means, precision=PRECISION)
 
 
-def _whitened_sq_t(params: GMMParams, xt: jax.Array, m: jax.Array) -> jax.Array:
-    """(K, C) squared Mahalanobis distances ``||(x_n − μ_k) P_k||²`` of one block.
+def _whitened_sq_t(params: GMMParams, xt: jax.Array, m: jax.Array):
+    """(K, C) squared Mahalanobis distances ``||(x_n − μ_k) P_k||²`` of one block, and the
+    block samples last.
 
     Args:
       params: mixture parameters.
-      xt: (D, C) centred samples ``(x − c)ᵀ`` of the block (samples last).
+      xt: (D, C) centred samples ``(x − c)ᵀ`` of the block (samples last; a transposed view
+        of the (C, D) block is fine).
       m: (K, D) centred means ``μ_k − c``.
+
+    Returns:
+      ``(sq, xt)``: the (K, C) distances, and ``xt`` as a (D, C) array of its own, the last
+      D rows of the whitening product (an identity appended to the whitening matrix; the
+      rows are exact). XLA:CPU otherwise fuses the transpose into every later consumer,
+      which then reads the (C, D) block column by column: the moments' (K·D, C) operand
+      took 15 of 63 ms an iteration at N = 1e5, D = 64, K = 8 (with these rows: 2.3 ms,
+      for 1/K more product).
 
     ``full`` whitens each sample for all K components in one product (O(1) entries, no
     cancellation). ``tied`` expands the square into three small products; in the centred
@@ -166,26 +176,31 @@ def _whitened_sq_t(params: GMMParams, xt: jax.Array, m: jax.Array) -> jax.Array:
     pc = params.precisions_cholesky
     k, d = m.shape
     mm = functools.partial(jnp.matmul, precision=PRECISION)
+    eye = jnp.eye(d, dtype=pc.dtype)
     if cov_type == "full":
         # Rows k·D + e of P_allᵀ are P_k[:, e].
         p_all_t = jnp.swapaxes(pc, 1, 2).reshape(k * d, d)
         b = jnp.einsum("kd,kde->ke", m, pc, precision=PRECISION).reshape(k * d, 1)
-        y = (mm(p_all_t, xt) - b).reshape(k, d, -1)  # (K, D, C)
+        both = mm(jnp.concatenate([p_all_t, eye]), xt)  # (K·D + D, C)
+        y = (both[:k * d] - b).reshape(k, d, -1)  # (K, D, C)
         sq = jnp.sum(y * y, axis=1)
     else:
-        y = mm(pc.T, xt)  # (D, C): whitened once, shared by all components
+        both = mm(jnp.concatenate([pc.T, eye]), xt)  # (2D, C)
+        y = both[:d]  # (D, C): whitened once, shared by all components
         b = mm(m, pc)  # (K, D)
         sq = jnp.sum(y * y, axis=0)[None] - 2.0 * mm(b, y) + jnp.sum(b * b, axis=1)[:, None]
-    return jnp.maximum(sq, 0.0)  # rounding can push a tiny distance below zero
+    # (rounding can push a tiny distance below zero)
+    return jnp.maximum(sq, 0.0), both[-d:]
 
 
-def _log_joint_t(params: GMMParams, xt: jax.Array, m: jax.Array) -> jax.Array:
-    """(K, C) log-joint of one block in samples-last layout."""
+def _log_joint_t(params: GMMParams, xt: jax.Array, m: jax.Array):
+    """``(log_joint, xt)``: the (K, C) log-joint of one block in samples-last layout, and
+    the block as a (D, C) array (see :func:`_whitened_sq_t`)."""
     d = params.n_features
-    sq = _whitened_sq_t(params, xt, m)
+    sq, xt = _whitened_sq_t(params, xt, m)
     log_det = log_det_precision_cholesky(params.precisions_cholesky, params.covariance_type, d)
     log_det = jnp.broadcast_to(log_det, (params.n_components,))
-    return -0.5 * (d * _LOG_2PI + sq) + (log_det + _log_weights(params.weights))[:, None]
+    return -0.5 * (d * _LOG_2PI + sq) + (log_det + _log_weights(params.weights))[:, None], xt
 
 
 def _diag_samples_last(n_features: int, n_components: int) -> bool:
@@ -234,7 +249,7 @@ def _log_joint_block(params: GMMParams, x: jax.Array) -> jax.Array:
     xc, m = x - c[None], params.means - c[None]
     if params.covariance_type in ("diag", "spherical"):
         return _diag_log_joint(params, xc, m, samples_last=False)[0]
-    return _log_joint_t(params, xc.T, m).T
+    return _log_joint_t(params, xc.T, m)[0].T
 
 
 # The public functions below are jitted: called eagerly (the estimator's predict, notebooks)
@@ -287,6 +302,7 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
     c = _center(params) if c is None else c
     xc = x - c[None]  # (C, D)
     m = params.means - c[None]  # (K, D)
+    xt = None  # the block samples last, where a sweep makes it (whitened full and tied)
     if cov_type in ("diag", "spherical"):
         last = _diag_samples_last(params.n_features, params.n_components)
         log_prob, sq = _diag_log_joint(params, xc, m, last)  # (K, C) or (C, K); (C, D)
@@ -301,10 +317,10 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
         s = jnp.matmul(wr.T, z, precision=PRECISION)  # (K, n_pairs + D): Σ w r z
         moments = (jnp.sum(wr, axis=0), s[:, p:], s[:, :p])
     else:
-        log_prob = _log_joint_t(params, xc.T, m)  # (K, C)
+        log_prob, xt = _log_joint_t(params, xc.T, m)  # (K, C), (D, C)
         wr, log_norm = _weighted_responsibilities(log_prob, w, axis=0)  # (K, C)
     if exact is None and quad is None:
-        moments = _moments_t(xc, wr, m, cov_type)
+        moments = _moments_t(xc, wr, m, cov_type, xt)
     elif exact is not None:
         d = xc.shape[1]
         s_sq = jnp.matmul(wr, sq, precision=PRECISION)  # (K, D): Σ w r (x−c)²
@@ -356,11 +372,13 @@ def _weighted_responsibilities(log_prob: jax.Array, w: jax.Array, axis: int):
     return w * r, jnp.squeeze(top + jnp.log(total), axis)
 
 
-def _moments_t(xc: jax.Array, wr: jax.Array, m: jax.Array, cov_type: str):
+def _moments_t(xc: jax.Array, wr: jax.Array, m: jax.Array, cov_type: str, xt=None):
     """Weighted moments of one block about per-component points, as large products.
 
     Args:
       xc: (C, D) samples minus the centre c.
+      xt: the same samples last, (D, C), as an array of its own (see
+        :func:`_whitened_sq_t`); default ``xc.T``.
       wr: (K, C) sample weight times responsibility (samples last).
       m: (K, D) centring points minus c (the current means, for the E-step).
       cov_type: covariance type (static).
@@ -374,7 +392,7 @@ def _moments_t(xc: jax.Array, wr: jax.Array, m: jax.Array, cov_type: str):
     """
     k, d = m.shape
     mm = functools.partial(jnp.matmul, precision=PRECISION)
-    xt = xc.T
+    xt = xc.T if xt is None else xt
     nk = jnp.sum(wr, axis=1)
     if cov_type in ("diag", "spherical"):
         return (nk, *_diag_moments(xc, wr, m))
@@ -574,9 +592,11 @@ def auto_chunk_size(
     # Whole multiples of CHUNK_ROW_ALIGN rows: an odd block size (13,107 rows) made the
     # diag E-step at N = 2e5, D = K = 16 1.3x slower than its aligned neighbour (13,056),
     # and full at D = K = 8 1.6x (measured on the 2-core CPU).
-    if chunk >= CHUNK_ROW_ALIGN:
-        chunk -= chunk % CHUNK_ROW_ALIGN
-    return int(max(128, min(n_samples, chunk)))
+    # And never fewer: below it the per-block overhead (~40 ops a block) outweighs the cache:
+    # full at N = 1e5, D = K = 64 (170 rows from the budget) ran its quadratic form in
+    # 428 ms at 170 rows and 328 ms at 256, its whitened sweep alike (483 / 474 ms).
+    chunk = max(chunk - chunk % CHUNK_ROW_ALIGN, CHUNK_ROW_ALIGN)
+    return int(min(n_samples, chunk))
 
 
 def _blockwise_sum(fn, x: jax.Array, w: jax.Array, chunk: int, axis_name: str | None = None):

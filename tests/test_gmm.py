@@ -35,6 +35,28 @@ def test_log_joint_matches_scipy(x64, rng, cov_type, k, d):
     np.testing.assert_allclose(float(ll), log_p.mean(), rtol=1e-10)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), cov_type=st.sampled_from(["full", "tied"]),
+       k=st.integers(1, 9), d=st.integers(1, 40), offset=st.floats(-1e6, 1e6),
+       scale=st.floats(1e-3, 1e3))
+def test_whitening_product_returns_the_block_exactly(seed, cov_type, k, d, offset, scale):
+    # The whitened sweeps take the block samples last from the whitening product's appended
+    # identity rows (gmm._whitened_sq_t): those rows are the block itself, bit for bit, in
+    # float32, whatever the precisions, and the distances are those of the plain product.
+    rng = np.random.default_rng(seed)
+    params = random_params(rng, k, d, cov_type, np.float32)
+    xc = (rng.normal(size=(37, d)) * scale + offset).astype(np.float32)
+    m = params.means - gmm._center(params)[None]
+    sq, xt = gmm._whitened_sq_t(params, jnp.asarray(xc).T, m)
+    assert xt.shape == (d, 37)
+    np.testing.assert_array_equal(np.asarray(xt), xc.T)
+    pc = np.asarray(params.precisions_cholesky, np.float64)
+    diff = xc[None].astype(np.float64) - np.asarray(m, np.float64)[:, None]  # (K, C, D)
+    y = np.einsum("kcd,kde->kce", diff, pc) if cov_type == "full" else diff @ pc
+    want = np.sum(y * y, axis=2)
+    np.testing.assert_allclose(sq, want, rtol=2e-3, atol=1e-3 * np.max(want))
+
+
 @pytest.mark.parametrize("cov_type", COV_TYPES)
 def test_log_likelihood_equals_sum_over_all_assignments(x64, rng, cov_type):
     # Brute-force oracle: Σ over all K^N latent paths of p(x, z) (N=5, K=3: 243 terms).
@@ -667,15 +689,20 @@ def test_auto_takes_the_product_form_only_where_it_pays(rng, monkeypatch):
 
 @pytest.mark.parametrize("cov_type", ["full", "tied", "diag", "spherical"])
 def test_automatic_block_sizes_are_whole_multiples_of_the_row_alignment(cov_type):
-    """Odd block sizes ran the E-step up to 1.6x slower; the automatic size is a multiple
-    of CHUNK_ROW_ALIGN rows whenever the budget allows one, and never above N."""
+    """Odd block sizes ran the E-step up to 1.6x slower, and blocks below CHUNK_ROW_ALIGN
+    rows paid more in per-block overhead than they saved: the automatic size is a whole
+    multiple of CHUNK_ROW_ALIGN rows, at least one, or all N rows in one block."""
     for n in (100, 5_000, 200_000, 10**6):
         for k, d in ((3, 2), (8, 8), (16, 16), (32, 32), (64, 64)):
-            for batch in (1, 4):
+            for batch in (1, 4, 32):
                 c = gmm.auto_chunk_size(n, k, d, np.float32, cov_type, batch)
-                assert 1 <= c <= max(n, 128)
-                if gmm.CHUNK_ROW_ALIGN <= c < n:
-                    assert c % gmm.CHUNK_ROW_ALIGN == 0, (n, k, d, batch, c)
+                assert c == n or (c < n and c % gmm.CHUNK_ROW_ALIGN == 0), (n, k, d, batch, c)
+                assert c >= min(n, gmm.CHUNK_ROW_ALIGN)
+                # and below the budget's size only where the budget allowed less than one
+                budget = gmm.chunk_budget_bytes(cov_type, d, k)
+                small = gmm.auto_chunk_size(n, k, d, np.float32, cov_type, batch,
+                                            budget_bytes=budget // 2)
+                assert small <= c
 
 
 def test_block_budget_follows_the_backend(monkeypatch):
