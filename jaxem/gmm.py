@@ -78,7 +78,9 @@ class GMMStats:
 
     nk: jax.Array  # (K,) Σ_n w_n r_nk
     sum_x: jax.Array  # (K, D) Σ_n w_n r_nk (x_n - shift_k)
-    sum_xx: jax.Array  # full (K, D, D), tied (D, D), diag/spherical (K, D): second moments
+    # full (K, D, D), tied (D, D), diag/spherical (K, D): second moments (spherical: only
+    # their mean over features counts; the E-step's product form puts it in every column)
+    sum_xx: jax.Array
     shift: jax.Array  # (K, D) centring point of the moments
     covariance_type: str = dataclasses.field(default="full", metadata=dict(static=True))
     live: jax.Array | None = None  # (K,) bool: slots in use (None: all); see GMMParams
@@ -223,25 +225,38 @@ def _diag_log_joint(params: GMMParams, xc: jax.Array, m: jax.Array, samples_last
     Returns:
       ``(log_joint, sq)``: the log-joint ``(−½ P²) sqᵀ + (P² m) xcᵀ + b``, (K, C) with
       ``samples_last`` (static; see :func:`_diag_samples_last`), else (C, K); and
-      ``sq = (x−c)²`` (C, D). ``sq`` and ``xc`` also give the product-form moments
-      ``r sq``, ``r xc``. Rounding is ~eps·(distance from c in standard
-      deviations)². Two products rather than one over ``[sq, xc]``: XLA:CPU builds that
-      (C, 2D) concatenation element by element, which took 60% of a diag E-step at N = 1e5,
-      D = 32, K = 8 (5.9 → 2.6 ms). Samples last, so that the responsibilities come out
-      (K, C) and the moments are plain products (with (C, K) responsibilities, the moments'
-      products over their transpose ran 2× slower: D = 8, K = 64, 4,864-row blocks).
+      ``sq = (x−c)²`` (C, D) — for spherical its sum over features ``|x−c|²`` (C, 1): the
+      precision is one number per component, so the first product is an outer product and
+      the moments need only ``r |x−c|²`` (two products of diag's four; spherical ran as
+      slow as diag, 7-8x scikit-learn's cheaper spherical at N = 1e5, D = 32 and 64). ``sq``
+      and ``xc`` also give the product-form moments ``r sq``, ``r xc``. Rounding is
+      ~eps·(distance from c in standard deviations)². Two products rather than one over
+      ``[sq, xc]``: XLA:CPU builds that (C, 2D) concatenation element by element, which took
+      60% of a diag E-step at N = 1e5, D = 32, K = 8 (5.9 → 2.6 ms). Samples last, so that
+      the responsibilities come out (K, C) and the moments are plain products (with (C, K)
+      responsibilities, the moments' products over their transpose ran 2× slower: D = 8,
+      K = 64, 4,864-row blocks).
     """
     k, d = m.shape
     pc = params.precisions_cholesky
-    p2 = pc**2 if params.covariance_type == "diag" else jnp.broadcast_to(pc[:, None] ** 2, (k, d))
-    sq = xc * xc
     log_det = log_det_precision_cholesky(pc, params.covariance_type, d)
-    const = (log_det + _log_weights(params.weights)
-             - 0.5 * (d * _LOG_2PI + jnp.sum(p2 * m * m, axis=1)))
     mm = functools.partial(jnp.matmul, precision=PRECISION)
+    if params.covariance_type == "spherical":
+        p2 = pc**2  # (K,)
+        sq = jnp.sum(xc * xc, axis=1, keepdims=True)  # (C, 1)
+        quad = -0.5 * p2[:, None] * sq.T if samples_last else -0.5 * sq * p2[None]
+        p2m = p2[:, None] * m
+        m_sq = p2 * jnp.sum(m * m, axis=1)
+    else:
+        p2 = pc**2  # (K, D)
+        sq = xc * xc
+        quad = mm(-0.5 * p2, sq.T) if samples_last else mm(sq, -0.5 * p2.T)
+        p2m = p2 * m
+        m_sq = jnp.sum(p2 * m * m, axis=1)
+    const = log_det + _log_weights(params.weights) - 0.5 * (d * _LOG_2PI + m_sq)
     if samples_last:
-        return mm(-0.5 * p2, sq.T) + mm(p2 * m, xc.T) + const[:, None], sq
-    return mm(sq, -0.5 * p2.T) + mm(xc, (p2 * m).T) + const[None], sq
+        return quad + mm(p2m, xc.T) + const[:, None], sq
+    return quad + mm(xc, p2m.T) + const[None], sq
 
 
 def _log_joint_block(params: GMMParams, x: jax.Array) -> jax.Array:
@@ -305,7 +320,7 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
     xt = None  # the block samples last, where a sweep makes it (whitened full and tied)
     if cov_type in ("diag", "spherical"):
         last = _diag_samples_last(params.n_features, params.n_components)
-        log_prob, sq = _diag_log_joint(params, xc, m, last)  # (K, C) or (C, K); (C, D)
+        log_prob, sq = _diag_log_joint(params, xc, m, last)  # (K, C) or (C, K); (C, D or 1)
         wr, log_norm = _weighted_responsibilities(log_prob, w, axis=0 if last else 1)
         wr = wr if last else wr.T  # (K, C)
     elif quad is not None:  # full, as a quadratic form (see _full_quadratic_coefs)
@@ -323,13 +338,14 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
         moments = _moments_t(xc, wr, m, cov_type, xt)
     elif exact is not None:
         d = xc.shape[1]
-        s_sq = jnp.matmul(wr, sq, precision=PRECISION)  # (K, D): Σ w r (x−c)²
+        s_sq = jnp.matmul(wr, sq, precision=PRECISION)  # (K, D or 1): Σ w r (x−c)²
         s_lin = jnp.matmul(wr, xc, precision=PRECISION)  # (K, D): Σ w r (x−c)
         idx = exact.index
         # (The skipped rows' zeros like the block's, so that inside shard_map both branches
         # vary over the devices alike.)
         skipped = jnp.broadcast_to(jnp.zeros_like(xc[:1]), (idx.shape[0], d))
-        rows = jax.lax.cond(exact.needed, lambda: _diag_moments(xc, wr[idx], m[idx]),
+        exact_moments = _spherical_moments if cov_type == "spherical" else _diag_moments
+        rows = jax.lax.cond(exact.needed, lambda: exact_moments(xc, wr[idx], m[idx]),
                             lambda: (skipped, skipped))
         moments = (jnp.sum(wr, axis=1), s_lin, s_sq, *rows)
     # Weight-zero rows (padding, overlap) add exactly zero, even if their density overflowed;
@@ -502,6 +518,18 @@ def _diag_moments(xc: jax.Array, wr: jax.Array, m: jax.Array):
                 jnp.matmul(wr_k, d * d, precision=PRECISION))
 
     return jax.lax.map(one, (wr, m))
+
+
+def _spherical_moments(xc: jax.Array, wr: jax.Array, m: jax.Array):
+    """spherical's :func:`_diag_moments`: ``Σ w r (x − μ_k)`` (K, D), and
+    ``Σ w r |x − μ_k|²`` spread over the D columns (its mean over features in each, all the
+    M-step reads; see :class:`GMMStats`). The squared distances are one reduction over the
+    features of each row, (K, C), with no (C, D) residual written per component: the exact
+    rows of 4 of 32 components took ~40% of the product-form sweep at N = 1e5, D = 64."""
+    d2 = jnp.sum((xc[None] - m[:, None]) ** 2, axis=2)  # (K, C)
+    s_xx = jnp.sum(wr * d2, axis=1)
+    s_x = jnp.matmul(wr, xc, precision=PRECISION) - jnp.sum(wr, axis=1)[:, None] * m
+    return s_x, jnp.broadcast_to(s_xx[:, None] / m.shape[1], m.shape)
 
 
 # Bytes of the E-step's per-block temporaries. ``full`` spends its block on matrix products,
@@ -855,9 +883,16 @@ def _product_moments(params: GMMParams, exact, moments, total, c=None):
     nk, s1, s2, sum_x_r, sum_xx_r = moments
     m = params.means - (_center(params) if c is None else c)[None]
     sum_x = s1 - nk[:, None] * m
-    sum_xx = s2 - 2.0 * m * s1 + nk[:, None] * m * m
     eps = jnp.finfo(s2.dtype).eps
-    centred = sum_xx - sum_x**2 / (nk + 10 * eps)[:, None]  # ≈ nk · new variance
+    if params.covariance_type == "spherical":
+        # s2 is (K, 1), Σ r |x−c|²: the moments summed over features, and their mean over
+        # features in every column (all that the M-step reads of a spherical sum_xx).
+        summed = s2[:, 0] - 2.0 * jnp.sum(m * s1, axis=1) + nk * jnp.sum(m * m, axis=1)
+        sum_xx = jnp.broadcast_to(summed[:, None] / m.shape[1], m.shape)
+        centred = (summed - jnp.sum(sum_x**2, axis=1) / (nk + 10 * eps))[:, None]
+    else:
+        sum_xx = s2 - 2.0 * m * s1 + nk[:, None] * m * m
+        centred = sum_xx - sum_x**2 / (nk + 10 * eps)[:, None]  # ≈ nk · new variance
     # Empty components get reg_covar whatever this gives; the exact ones are right anyway.
     taken = jnp.zeros(nk.shape, bool).at[exact.index].set(exact.needed)
     checked = (nk > 10 * eps * jnp.sum(nk)) & ~taken
@@ -1013,9 +1048,12 @@ def m_step(stats: GMMStats, reg_covar: jax.typing.ArrayLike = 1e-6) -> GMMParams
         cov = cov + reg_covar * jnp.eye(cov.shape[-1], dtype=dtype)
     else:
         # Rounding (of the product-form moments in particular) cannot make a variance < 0.
-        var = jnp.maximum(stats.sum_xx - c[:, None] * delta**2, 0.0) / nk_eps[:, None]
-        var = var + reg_covar
-        cov = var if cov_type == "diag" else jnp.mean(var, axis=1)
+        # spherical: the mean over features first (the E-step's product form keeps only
+        # that mean of sum_xx, in every column; see GMMStats).
+        var = stats.sum_xx - c[:, None] * delta**2
+        var = var if cov_type == "diag" else jnp.mean(var, axis=1)
+        cov = jnp.maximum(var, 0.0) / (nk_eps[:, None] if cov_type == "diag" else nk_eps)
+        cov = cov + reg_covar
     if cov_type != "tied":  # a dead slot: unit covariance, finite whatever reg_covar
         dead = ~live.reshape((-1,) + (1,) * (cov.ndim - 1))
         cov = jnp.where(dead, jnp.eye(cov.shape[-1], dtype=dtype) if cov_type == "full"

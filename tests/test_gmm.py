@@ -254,6 +254,38 @@ def test_tied_moments_in_float32_do_not_round_with_the_separation(seed, offset, 
     np.testing.assert_allclose(new.means, m64, atol=50 * eps * (abs(offset) + 3 * sep + 3))
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), offset=st.sampled_from([0.0, 1e3, 1e5]),
+       spread=st.sampled_from([1e-3, 1.0]), d=st.integers(1, 40))
+def test_spherical_exact_rows_are_the_centred_moments(seed, offset, spread, d):
+    # spherical's exact rows keep only Σ w r |x − μ|² (spread over the columns: its mean over
+    # features is what the M-step reads) and take Σ w r (x − μ) through the centre. Against
+    # float64 centred moments, on a tight cloud far from the block's centre (where the product
+    # form would lose ~eps·(offset/spread)² of the variance), the mean second moment keeps
+    # float32's reach of the residuals themselves.
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(3, d)) * offset
+    x = mu[rng.integers(0, 3, 300)] + rng.normal(size=(300, d)) * spread
+    c = x.mean(axis=0)
+    wr = rng.uniform(size=(3, 300))
+    xc32, m32 = (x - c).astype(np.float32), (mu - c).astype(np.float32)
+    s_x, s_xx = gmm._spherical_moments(jnp.asarray(xc32), jnp.asarray(wr, jnp.float32),
+                                       jnp.asarray(m32))
+    assert s_xx.shape == (3, d)
+    np.testing.assert_array_equal(s_xx, np.broadcast_to(np.asarray(s_xx)[:, :1], (3, d)))
+    xc64, m64 = xc32.astype(np.float64), m32.astype(np.float64)
+    diff = xc64[None] - m64[:, None]  # (K, C, D)
+    want_xx = np.einsum("kc,kcd->k", wr, diff**2) / d
+    eps = np.finfo(np.float32).eps
+    scale = np.einsum("kc,kcd->k", wr, (np.abs(diff) + eps * np.abs(xc64)[None]) ** 2) / d
+    np.testing.assert_allclose(np.asarray(s_xx)[:, 0], want_xx, rtol=0,
+                               atol=float(np.max(50 * eps * scale + 1e-30)))
+    want_x = np.einsum("kc,kcd->kd", wr, diff)
+    reach = 50 * eps * (np.abs(m64) * wr.sum(axis=1)[:, None]
+                        + np.einsum("kc,cd->kd", wr, np.abs(xc64)))
+    assert np.all(np.abs(np.asarray(s_x) - want_x) <= reach)
+
+
 def test_product_moments_check_trips_only_when_needed(rng):
     # Benign float32 data: the product form passes its check (the fast path runs). Three far
     # components collapsing on duplicates while only ceil(16/8) = 2 are taken exactly: the
