@@ -151,7 +151,7 @@ def _center(params: GMMParams) -> jax.Array:
     return jnp.matmul(params.weights, params.means, precision=PRECISION)
 
 
-def _whitened_sq_t(params: GMMParams, xt: jax.Array, m: jax.Array):
+def _whitened_sq_t(params: GMMParams, xt: jax.Array, m: jax.Array, keep_block: bool = True):
     """(K, C) squared Mahalanobis distances ``||(x_n − μ_k) P_k||²`` of one block, and the
     block samples last.
 
@@ -160,14 +160,17 @@ def _whitened_sq_t(params: GMMParams, xt: jax.Array, m: jax.Array):
       xt: (D, C) centred samples ``(x − c)ᵀ`` of the block (samples last; a transposed view
         of the (C, D) block is fine).
       m: (K, D) centred means ``μ_k − c``.
+      keep_block: static; whether to return the block as below (the E-step's moments use
+        it; a log-density alone does not).
 
     Returns:
       ``(sq, xt)``: the (K, C) distances, and ``xt`` as a (D, C) array of its own, the last
       D rows of the whitening product (an identity appended to the whitening matrix; the
-      rows are exact). XLA:CPU otherwise fuses the transpose into every later consumer,
-      which then reads the (C, D) block column by column: the moments' (K·D, C) operand
-      took 15 of 63 ms an iteration at N = 1e5, D = 64, K = 8 (with these rows: 2.3 ms,
-      for 1/K more product).
+      rows are exact), or ``None`` without ``keep_block``. XLA:CPU otherwise fuses the
+      transpose into every later consumer, which then reads the (C, D) block column by
+      column: the moments' (K·D, C) operand took 15 of 63 ms an iteration in a traced
+      profile at N = 1e5, D = 64, K = 8 (with these rows: 2.3 ms; the fit 61-76 → 50 ms),
+      for 1/K more whitening product (full) or twice tied's small one.
 
     ``full`` whitens each sample for all K components in one product (O(1) entries, no
     cancellation). ``tied`` expands the square into three small products; in the centred
@@ -178,28 +181,29 @@ def _whitened_sq_t(params: GMMParams, xt: jax.Array, m: jax.Array):
     pc = params.precisions_cholesky
     k, d = m.shape
     mm = functools.partial(jnp.matmul, precision=PRECISION)
-    eye = jnp.eye(d, dtype=pc.dtype)
+    # Rows k·D + e of P_allᵀ are P_k[:, e]; tied whitens once, for all components.
+    w_t = jnp.swapaxes(pc, 1, 2).reshape(k * d, d) if cov_type == "full" else pc.T
+    rows = w_t.shape[0]
+    if keep_block:
+        w_t = jnp.concatenate([w_t, jnp.eye(d, dtype=pc.dtype)])
+    both = mm(w_t, xt)  # (K·D or D, C), and the block's D rows at the foot
     if cov_type == "full":
-        # Rows k·D + e of P_allᵀ are P_k[:, e].
-        p_all_t = jnp.swapaxes(pc, 1, 2).reshape(k * d, d)
         b = jnp.einsum("kd,kde->ke", m, pc, precision=PRECISION).reshape(k * d, 1)
-        both = mm(jnp.concatenate([p_all_t, eye]), xt)  # (K·D + D, C)
-        y = (both[:k * d] - b).reshape(k, d, -1)  # (K, D, C)
+        y = (both[:rows] - b).reshape(k, d, -1)  # (K, D, C)
         sq = jnp.sum(y * y, axis=1)
     else:
-        both = mm(jnp.concatenate([pc.T, eye]), xt)  # (2D, C)
-        y = both[:d]  # (D, C): whitened once, shared by all components
+        y = both[:rows]  # (D, C)
         b = mm(m, pc)  # (K, D)
         sq = jnp.sum(y * y, axis=0)[None] - 2.0 * mm(b, y) + jnp.sum(b * b, axis=1)[:, None]
     # (rounding can push a tiny distance below zero)
-    return jnp.maximum(sq, 0.0), both[-d:]
+    return jnp.maximum(sq, 0.0), both[rows:] if keep_block else None
 
 
-def _log_joint_t(params: GMMParams, xt: jax.Array, m: jax.Array):
+def _log_joint_t(params: GMMParams, xt: jax.Array, m: jax.Array, keep_block: bool = True):
     """``(log_joint, xt)``: the (K, C) log-joint of one block in samples-last layout, and
     the block as a (D, C) array (see :func:`_whitened_sq_t`)."""
     d = params.n_features
-    sq, xt = _whitened_sq_t(params, xt, m)
+    sq, xt = _whitened_sq_t(params, xt, m, keep_block)
     log_det = log_det_precision_cholesky(params.precisions_cholesky, params.covariance_type, d)
     log_det = jnp.broadcast_to(log_det, (params.n_components,))
     return -0.5 * (d * _LOG_2PI + sq) + (log_det + _log_weights(params.weights))[:, None], xt
@@ -264,7 +268,7 @@ def _log_joint_block(params: GMMParams, x: jax.Array) -> jax.Array:
     xc, m = x - c[None], params.means - c[None]
     if params.covariance_type in ("diag", "spherical"):
         return _diag_log_joint(params, xc, m, samples_last=False)[0]
-    return _log_joint_t(params, xc.T, m)[0].T
+    return _log_joint_t(params, xc.T, m, keep_block=False)[0].T
 
 
 # The public functions below are jitted: called eagerly (the estimator's predict, notebooks)

@@ -55,6 +55,10 @@ def test_whitening_product_returns_the_block_exactly(seed, cov_type, k, d, offse
     y = np.einsum("kcd,kde->kce", diff, pc) if cov_type == "full" else diff @ pc
     want = np.sum(y * y, axis=2)
     np.testing.assert_allclose(sq, want, rtol=2e-3, atol=1e-3 * np.max(want))
+    # A log-density alone (predict, score) skips the identity rows: same distances.
+    sq_only, none = gmm._whitened_sq_t(params, jnp.asarray(xc).T, m, keep_block=False)
+    assert none is None
+    np.testing.assert_allclose(sq_only, sq, rtol=1e-5, atol=1e-6 * float(np.max(sq)))
 
 
 @pytest.mark.parametrize("cov_type", COV_TYPES)
