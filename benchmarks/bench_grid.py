@@ -3,12 +3,17 @@
     python benchmarks/bench_grid.py --n 100000
     python benchmarks/bench_grid.py --n 1000000 --peers sklearn64 --iters 2
     python benchmarks/bench_grid.py --smoke          # tiny grid, used by the test suite
+    python benchmarks/bench_grid.py --n 200000 --peers sklearn64 --isolate 20
 
 Each cell is timed exactly as ``bench_fit.py`` times it (same data generator, same initial
 parameters for every method, fixed iteration count, compile apart, same process). Prints one
 Markdown table row per configuration: jaxem float32 seconds per iteration and compile time,
 each peer's seconds per iteration, jaxem's effective GFLOP/s and % of this machine's float32
 matmul roof, and the speed-up over each peer.
+
+``--isolate SECONDS`` runs each cell in a process of its own after a pause of that many
+seconds (the roof measured in each): on a machine whose CPU time is shared (this project's
+VM), the later rows of one long process ran up to 1.7× slower than the same rows alone.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import importlib.util
 import itertools
 import os
 import platform
+import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -49,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default="sklearn64,sklearn32,gmmx",
                    help="comma list from " + ", ".join(PEERS) + " ('' for none)")
     p.add_argument("--smoke", action="store_true", help="tiny grid (test suite)")
+    p.add_argument("--isolate", type=float, default=None, metavar="SECONDS",
+                   help="each cell in a fresh process, after a pause of SECONDS")
+    p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.smoke:
         a.n, a.d, a.k, a.covariance, a.iters = 500, "3", "2,3", "full,diag", 2
@@ -67,14 +77,27 @@ def main(argv=None) -> int:
             print(f"(peer {name} not installed: skipped)")
 
     roof = bench_fit.matmul_roof(512 if a.smoke else 2048)
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}; float32 matmul roof {roof:.1f} GFLOP/s; N={a.n}, "
-          f"{a.iters} iterations, best of {a.repeats}\n")
     labels = [PEERS[s][0] for s in peers]
-    print("| covariance, D, K | jaxem f32 s/iter | " + "".join(f"{lab} | " for lab in labels)
-          + "GFLOP/s (% roof) | speed-up vs " + " / ".join(labels or ["-"]) + " | compile s |")
-    print("|" + " --- |" * (5 + len(labels)))
+    if not a.rows_only:
+        print(f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
+              f"on {jax.devices()[0].platform}; float32 matmul roof {roof:.1f} GFLOP/s; "
+              f"N={a.n}, {a.iters} iterations, best of {a.repeats}"
+              + ("" if a.isolate is None else f"; each cell in its own process after "
+                 f"{a.isolate:g} s") + "\n")
+        print("| covariance, D, K | jaxem f32 s/iter | " + "".join(f"{lab} | " for lab in labels)
+              + "GFLOP/s (% roof) | speed-up vs " + " / ".join(labels or ["-"])
+              + " | compile s |")
+        print("|" + " --- |" * (5 + len(labels)))
     for ct, d, k in itertools.product(cov_types, ds, ks):
+        if a.isolate is not None:
+            time.sleep(a.isolate)
+            cell = [sys.executable, os.path.abspath(__file__), "--rows-only", "--n", str(a.n),
+                    "--covariance", ct, "--d", str(d), "--k", str(k), "--iters", str(a.iters),
+                    "--repeats", str(a.repeats), "--peers", ",".join(peers)]
+            out = subprocess.run(cell, capture_output=True, text=True, check=True)
+            print("".join(line + "\n" for line in out.stdout.splitlines()
+                          if line.startswith("| ")), end="", flush=True)
+            continue
         x = bench_fit.make_data(a.n, d, k)
         init = bench_fit.initial_params(x, k, ct)
         comp, s = bench_fit.time_jaxem(x, init, ct, a.iters, a.repeats, np.float32, None)
