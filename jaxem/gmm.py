@@ -310,7 +310,7 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
     diag/spherical around (x−c)² and x−c, samples last when K ≥ D
     (:func:`_diag_log_joint`, :func:`_diag_samples_last`). With
     ``exact`` (:class:`_ExactRows`; diag/spherical) the moments are taken as products
-    about the mixture centre, and, where ``exact.needed``, centred on the means for its R
+    about the mixture centre, and centred on the means for the first ``exact.count`` of its
     components too (see :func:`_product_moments`). With ``quad = (B, const)`` (full) the
     block is one (C, ~D²/2) array ``z`` of quadratic features: the log-joint is ``z @ B``
     and the moments about c are ``rᵀ z`` (see :func:`_quadratic_moments`). ``c`` is the
@@ -349,7 +349,8 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
         # vary over the devices alike.)
         skipped = jnp.broadcast_to(jnp.zeros_like(xc[:1]), (idx.shape[0], d))
         exact_moments = _spherical_moments if cov_type == "spherical" else _diag_moments
-        rows = jax.lax.cond(exact.needed, lambda: exact_moments(xc, wr[idx], m[idx]),
+        rows = jax.lax.cond(exact.count > 0,
+                            lambda: exact_moments(xc, wr[idx], m[idx], exact.count),
                             lambda: (skipped, skipped))
         moments = (jnp.sum(wr, axis=1), s_lin, s_sq, *rows)
     # Weight-zero rows (padding, overlap) add exactly zero, even if their density overflowed;
@@ -509,31 +510,57 @@ def _quadratic_rounding(offset: jax.Array, cov: jax.Array, lam: jax.Array) -> ja
     return jnp.finfo(cov.dtype).eps * r
 
 
-def _diag_moments(xc: jax.Array, wr: jax.Array, m: jax.Array):
-    """``Σ w r (x − μ_k)`` and ``Σ w r (x − μ_k)²`` (both (K, D)), one component at a time.
+def _diag_moments(xc: jax.Array, wr: jax.Array, m: jax.Array, count=None):
+    """``Σ w r (x − μ_k)`` and ``Σ w r (x − μ_k)²`` (both (R, D)), one component at a time;
+    with ``count`` (a traced int), only for the first ``count`` of the R (zeros for the
+    rest, at no cost: each component is a ``cond``).
 
     Two vector–matrix products per component over a (C, D) residual that stays in cache:
     ~3× faster on the CPU than one contraction over a (K, D, C) array.
     """
-    def one(args):
-        wr_k, m_k = args
+    def one(wr_k, m_k):
         d = xc - m_k[None]
         return (jnp.matmul(wr_k, d, precision=PRECISION),
                 jnp.matmul(wr_k, d * d, precision=PRECISION))
 
-    return jax.lax.map(one, (wr, m))
+    return _first_of(one, count, xc[0, 0], wr, m)
 
 
-def _spherical_moments(xc: jax.Array, wr: jax.Array, m: jax.Array):
-    """spherical's :func:`_diag_moments`: ``Σ w r (x − μ_k)`` (K, D), and
+def _spherical_moments(xc: jax.Array, wr: jax.Array, m: jax.Array, count=None):
+    """spherical's :func:`_diag_moments`: ``Σ w r (x − μ_k)`` (R, D), and
     ``Σ w r |x − μ_k|²`` spread over the D columns (its mean over features in each, all the
-    M-step reads; see :class:`GMMStats`). The squared distances are one reduction over the
-    features of each row, (K, C), with no (C, D) residual written per component: the exact
-    rows of 4 of 32 components took ~40% of the product-form sweep at N = 1e5, D = 64."""
-    d2 = jnp.sum((xc[None] - m[:, None]) ** 2, axis=2)  # (K, C)
-    s_xx = jnp.sum(wr * d2, axis=1)
-    s_x = jnp.matmul(wr, xc, precision=PRECISION) - jnp.sum(wr, axis=1)[:, None] * m
-    return s_x, jnp.broadcast_to(s_xx[:, None] / m.shape[1], m.shape)
+    M-step reads; see :class:`GMMStats`): one vector–matrix product and one reduction over
+    the features of each row per component. (``Σ w r (x − μ_k)`` through the centre,
+    ``Σ w r (x−c) − nk m``, rounds by ~eps·|μ − c|, which the M-step's ``|Σ w r (x − μ)|²/nk``
+    carries into a collapsed component's variance: 2% of reg_covar for 3 duplicates 7 from
+    the centre.)"""
+    d = m.shape[1]
+
+    def one(wr_k, m_k):
+        res = xc - m_k[None]
+        s_xx = jnp.dot(wr_k, jnp.sum(res * res, axis=1), precision=PRECISION)
+        return (jnp.matmul(wr_k, res, precision=PRECISION),
+                jnp.broadcast_to(s_xx / d, (d,)))
+
+    return _first_of(one, count, xc[0, 0], wr, m)
+
+
+def _first_of(one, count, zero, *rows):
+    """``one`` over the leading axis of ``rows`` (``lax.map``), only for the first ``count``
+    (traced, unbatched; ``None``: all), zeros for the rest. ``zero``: a scalar 0 of the
+    block's, so that inside ``shard_map`` both branches vary over the devices alike."""
+    if count is None:
+        return jax.lax.map(lambda a: one(*a), rows)
+    like = jax.eval_shape(one, *(r[0] for r in rows))
+
+    def slot(args):
+        j, *a = args
+        return jax.lax.cond(j < count, lambda: one(*a),
+                            lambda: jax.tree_util.tree_map(
+                                lambda t: jnp.broadcast_to(zero * 0, t.shape).astype(t.dtype),
+                                like))
+
+    return jax.lax.map(slot, (jnp.arange(rows[0].shape[0]), *rows))
 
 
 # Bytes of the E-step's per-block temporaries. ``full`` spends its block on matrix products,
@@ -733,8 +760,7 @@ def _e_step(params, x, w, chunk_size, axis_name, batch_axis, moments):
         moments = "product" if _product_form_pays(x.shape[0], *params.means.shape,
                                                   cov_type) else "centred"
     if cov_type in ("diag", "spherical") and moments == "product":
-        exact = _likely_ill_conditioned(params, c)
-        (nk, sum_x, sum_xx), total, ok = _product_moments(params, exact, *sweep(exact), c=c)
+        (nk, sum_x, sum_xx), total, ok = _product_sweeps(params, c, sweep)
         (nk, sum_x, sum_xx), total = jax.lax.cond(
             _all_batch_members(ok), lambda: ((nk, sum_x, sum_xx), total), lambda: sweep()
         )
@@ -781,6 +807,19 @@ def _all_batch_members_vmap(axis_size, in_batched, ok):
     del axis_size
     # Called again on the reduced value, so that an enclosing vmap reduces over its axis too.
     return (_all_batch_members(jnp.all(ok)) if in_batched[0] else ok), False
+
+
+@custom_batching.custom_vmap
+def _most_of_batch(n: jax.Array) -> jax.Array:
+    """``n`` itself; under any ``vmap``, the largest member's value, unbatched (as
+    :func:`_all_batch_members`, for a count that decides how many ``cond`` branches run)."""
+    return n
+
+
+@_most_of_batch.def_vmap
+def _most_of_batch_vmap(axis_size, in_batched, n):
+    del axis_size
+    return (_most_of_batch(jnp.max(n)) if in_batched[0] else n), False
 
 
 def _shared_center(params: GMMParams, batch_axis: str | None) -> jax.Array:
@@ -835,21 +874,29 @@ class _ExactRows(NamedTuple):
     """Which diag/spherical components the product-form sweep also takes centred on their
     means (:func:`_likely_ill_conditioned`)."""
 
-    index: jax.Array  # (⌈K/8⌉,) the components whose rounding would be worst
-    needed: jax.Array  # () bool: whether to take them at all (unbatched under vmap)
+    index: jax.Array  # (⌈K/8⌉,) the components, those most at risk first
+    count: jax.Array  # () int: how many of them to take (unbatched under vmap)
+
+    @property
+    def needed(self) -> jax.Array:
+        """Whether any rows are taken at all."""
+        return self.count > 0
 
 
 def _likely_ill_conditioned(params: GMMParams, c=None) -> _ExactRows:
-    """The ⌈K/8⌉ components whose product-form moments would round worst, and whether any
-    component's predicted rounding, weighted as below, comes within
-    :data:`EXACT_ROWS_MARGIN` of :data:`PRODUCT_MOMENTS_RTOL` (under a ``vmap``, any
-    member's).
+    """The ⌈K/8⌉ components whose product-form moments would round worst, and how many
+    components' predicted rounding comes within :data:`EXACT_ROWS_MARGIN` of
+    :data:`PRODUCT_MOMENTS_RTOL` (at most ⌈K/8⌉; under a ``vmap``, the most of any member).
 
     The rounding of ``Σ r (x−c)²`` relative to a component's variance grows like
-    ``eps · ((μ−c)² + σ²)/σ²``; judged on the current parameters and weighted by 1/(K·π_k)
-    towards small components (a far component, one on a few points, one about to
-    collapse). The check after the sweep (:func:`_product_moments`) decides again on the
-    new moments; ``needed`` only spares the rows' cost where they would not be used.
+    ``eps · ((μ−c)² + σ²)/σ²``, judged on the current parameters: that names components far
+    from c relative to their spread, which stay so from one iteration to the next. A
+    component that collapses within the iteration (a small one landing on a few close
+    points) is not guessed here: the check after the sweep finds it, and a second sweep
+    takes it exactly (:func:`_product_sweeps`). (Weighting the prediction by 1/(K·π_k)
+    towards small components took the exact rows every iteration on the benchmark grid's
+    data — 5 of 15 ms an iteration at N = 1e5, D = 64, K = 32 — for components whose
+    rounding stayed 25× below the tolerance.)
     """
     k = params.n_components
     var = jnp.broadcast_to(
@@ -858,18 +905,60 @@ def _likely_ill_conditioned(params: GMMParams, c=None) -> _ExactRows:
     )
     m = params.means - (_center(params) if c is None else c)[None]
     ratio = 1.0 + jnp.max(m * m / var, axis=1)
-    # Small components come first too: their variances move most from one step to the next.
-    # Dead slots (weight 0) take no responsibility: never worth an exact slot.
+    # Dead slots (weight 0) take no responsibility: never worth an exact slot. (NaN
+    # parameters compare False below: the rows are taken.)
     live = params.weights > 0
-    score = jnp.where(live, ratio / (k * jnp.where(live, params.weights, 1.0)), -jnp.inf)
-    _, idx = jax.lax.top_k(score, -(-k // 8))
+    slots = -(-k // 8)
+    _, idx = jax.lax.top_k(jnp.where(live, ratio, -jnp.inf), slots)
     eps = jnp.finfo(var.dtype).eps
-    # Judged on the score, not the ratio alone: a component on a few points can collapse
-    # within one iteration (measured: spherical, N = 1e5, D = K = 32, a component of weight
-    # 1e-5 went from variance 1.8 to 0.001 with a predicted ratio of 23). Balanced weights
-    # (1/K) leave the ratio as it is. (NaN parameters compare False: the rows are taken.)
-    safe = jnp.all(~live | (EXACT_ROWS_MARGIN * eps * score <= PRODUCT_MOMENTS_RTOL))
-    return _ExactRows(idx, ~_all_batch_members(safe))
+    at_risk = live & ~(EXACT_ROWS_MARGIN * eps * ratio <= PRODUCT_MOMENTS_RTOL)
+    return _ExactRows(idx, _most_of_batch(jnp.minimum(jnp.sum(at_risk), slots)))
+
+
+def _product_sweeps(params: GMMParams, c: jax.Array, sweep):
+    """diag/spherical moments in the product form: one sweep, and a second only to repair it.
+
+    The first sweep takes exactly the components :func:`_likely_ill_conditioned` names
+    before it. If the check after it (:func:`_product_moments`) fails for at most ⌈K/8⌉
+    components (under a ``vmap``: for every member that fails), the sweep runs once more
+    with exactly those components taken centred on their means: the same products give the
+    same values, so every other component passes again and the repaired ones are exact.
+    Returns ``(moments, total, ok)``; ``ok`` is False only where more components failed
+    than a sweep can take exactly (then the caller takes the centred sweep).
+
+    The two sweeps are the two steps of one ``fori_loop`` (a ``scan``: reverse-mode
+    differentiable), the second a ``cond`` that runs only when needed, so the sweep is
+    compiled once. A component that collapses within an iteration (a small one lands on a
+    few close points) thus costs one more product sweep, not the centred sweep (~5× one);
+    and the first sweep need not guess such collapses (measured at N = 1e5, D = 64, K = 32:
+    the exact rows of 4 components cost 5 ms of a 15 ms sweep, taken every iteration when
+    small components counted as at risk).
+    """
+    k, d = params.means.shape
+    dtype = params.means.dtype
+    slots = -(-k // 8)
+
+    def one_sweep(exact):
+        moments, total, risky, taken = _product_moments(params, exact, *sweep(exact), c=c)
+        ok = ~jnp.any(risky & ~taken)
+        # The next sweep's exact components: every one at risk (first), if they fit.
+        _, index = jax.lax.top_k(risky.astype(dtype), slots)
+        return moments, total, ok, jnp.sum(risky, dtype=jnp.int32), index
+
+    first = _likely_ill_conditioned(params, c)
+
+    def step(i, carry):
+        moments, total, ok, n_risky, index = carry
+        again = ~_all_batch_members(ok) & _all_batch_members(ok | (n_risky <= slots))
+        exact = _ExactRows(jnp.where(i == 0, first.index, index),
+                           jnp.where(i == 0, first.count, _most_of_batch(n_risky)))
+        return jax.lax.cond((i == 0) | again, lambda: one_sweep(exact), lambda: carry)
+
+    zeros = functools.partial(jnp.zeros, dtype=dtype)
+    start = ((zeros((k,)), zeros((k, d)), zeros((k, d))), zeros(()), jnp.asarray(True),
+             jnp.asarray(0, jnp.int32), jnp.zeros((slots,), jnp.int32))
+    moments, total, ok, _, _ = jax.lax.fori_loop(0, 2, step, start)
+    return moments, total, ok
 
 
 def _product_moments(params: GMMParams, exact, moments, total, c=None):
@@ -880,9 +969,11 @@ def _product_moments(params: GMMParams, exact, moments, total, c=None):
     faster — but rounds to ~eps·Σ r (x−c)², which swamps a variance that is small next to
     the component's distance from c (a component on a few points, or collapsing). The
     ``exact`` components were also taken centred on their means in the same sweep, and
-    their rows are replaced. Returns the moments, the total, and whether every other
-    component kept its rounding below :data:`PRODUCT_MOMENTS_RTOL` of its new centred second
-    moment; if not, the caller redoes the sweep centred on every mean.
+    their rows are replaced. Returns the moments, the total, ``risky`` (K,): whether each
+    live component's product-form rounding exceeds :data:`PRODUCT_MOMENTS_RTOL` of its new
+    centred second moment (judged for the exact ones too, as if they had not been taken),
+    and ``taken`` (K,): the exact ones. The moments stand if every risky component was
+    taken (otherwise see :func:`_product_sweeps`).
     """
     nk, s1, s2, sum_x_r, sum_xx_r = moments
     m = params.means - (_center(params) if c is None else c)[None]
@@ -898,12 +989,13 @@ def _product_moments(params: GMMParams, exact, moments, total, c=None):
         sum_xx = s2 - 2.0 * m * s1 + nk[:, None] * m * m
         centred = sum_xx - sum_x**2 / (nk + 10 * eps)[:, None]  # ≈ nk · new variance
     # Empty components get reg_covar whatever this gives; the exact ones are right anyway.
-    taken = jnp.zeros(nk.shape, bool).at[exact.index].set(exact.needed)
-    checked = (nk > 10 * eps * jnp.sum(nk)) & ~taken
-    risky = checked[:, None] & (eps * s2 > PRODUCT_MOMENTS_RTOL * centred)
+    taken = jnp.zeros(nk.shape, bool).at[exact.index].set(
+        jnp.arange(exact.index.shape[0]) < exact.count)
+    checked = nk > 10 * eps * jnp.sum(nk)
+    risky = checked & jnp.any(eps * s2 > PRODUCT_MOMENTS_RTOL * centred, axis=1)
     sum_x = jnp.where(taken[:, None], sum_x.at[exact.index].set(sum_x_r), sum_x)
     sum_xx = jnp.where(taken[:, None], sum_xx.at[exact.index].set(sum_xx_r), sum_xx)
-    return (nk, sum_x, sum_xx), total, ~jnp.any(risky)
+    return (nk, sum_x, sum_xx), total, risky, taken
 
 
 # Relative rounding accepted from the quadratic form of ``full``, as

@@ -290,15 +290,27 @@ def test_spherical_exact_rows_are_the_centred_moments(seed, offset, spread, d):
     assert np.all(np.abs(np.asarray(s_x) - want_x) <= reach)
 
 
+def _first_sweep(params, x):
+    """The product form's first sweep on (params, x): ``(risky, taken, sweep)``, the
+    components failing the check after it, the exact ones, and the sweep itself."""
+    def sweep(exact):
+        return gmm._blockwise_sum(
+            lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x,
+            np.ones(len(x), x.dtype), 256)
+
+    exact = gmm._likely_ill_conditioned(params)
+    _, _, risky, taken = gmm._product_moments(params, exact, *sweep(exact))
+    return np.asarray(risky), np.asarray(taken), sweep
+
+
 def test_product_moments_check_trips_only_when_needed(rng):
     # Benign float32 data: the product form passes its check (the fast path runs). Three far
-    # components collapsing on duplicates while only ceil(16/8) = 2 are taken exactly: the
-    # check must trip, and the E-step then returns the centred moments.
+    # components collapsing on duplicates while only ceil(16/8) = 2 can be taken exactly:
+    # the check must trip, no second product sweep can repair it, and the E-step returns
+    # the centred moments.
     x, params = _diag_problem(rng, 16, 1e4, 3.0, 0, "diag", n=2000)
-    exact = gmm._likely_ill_conditioned(params)
-    sums = gmm._blockwise_sum(
-        lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x, np.ones(2000), 256)
-    assert bool(gmm._product_moments(params, exact, *sums)[2])
+    risky, taken, _ = _first_sweep(params, x)
+    assert not np.any(risky & ~taken)
 
     x, params = _diag_problem(rng, 16, 0.0, 100.0, 0, "diag", n=2000)
     means = np.asarray(params.means).copy()
@@ -306,46 +318,46 @@ def test_product_moments_check_trips_only_when_needed(rng):
         x[5 * j: 5 * j + 5] = 400.0 * (j + 1)
         means[k] = 400.0 * (j + 1) + 0.01
     params = gmm.make_params(params.weights, means, params.covariances, "diag")
-    auto = _check_trips_to_the_centred_moments(params, x)
+    risky, taken, _ = _first_sweep(params, x)
+    assert {3, 7, 11} <= set(np.flatnonzero(risky)) and np.any(risky & ~taken)
+    assert risky.sum() > 2  # more than the slots: no second product sweep
+    auto, _ = gmm.e_step(params, x, moments="product")
+    centred, _ = gmm.e_step(params, x, moments="centred")
+    assert tree_allclose(auto, centred, rtol=0.0)
     var = np.asarray(gmm.m_step(auto, 1e-6).covariances)[[3, 7, 11]]
     np.testing.assert_allclose(var, 1e-6, rtol=1e-3)
 
 
-def _check_trips_to_the_centred_moments(params, x):
-    """Asserts that the product form's check trips on (params, x) and that the E-step then
-    gives exactly the centred statistics, which it returns."""
-    exact = gmm._likely_ill_conditioned(params)
-    sums = gmm._blockwise_sum(
-        lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x, np.ones(len(x)), 256)
-    assert not bool(gmm._product_moments(params, exact, *sums)[2])
-    auto, _ = gmm.e_step(params, x, moments="product")
-    centred, _ = gmm.e_step(params, x, moments="centred")
-    assert tree_allclose(auto, centred, rtol=0.0)
-    return auto
-
-
-def test_exact_rows_are_skipped_only_where_no_component_is_at_risk(rng):
-    # The exact rows are taken only when a component's predicted rounding, weighted towards
-    # small components, comes within EXACT_ROWS_MARGIN of the tolerance. Benign data:
-    # skipped, and the check passes.
+def test_exact_rows_are_taken_for_far_components_and_repaired_for_collapsing_ones(rng):
+    # Before the sweep, the components far from the centre relative to their spread (their
+    # predicted rounding within EXACT_ROWS_MARGIN of the tolerance) are counted and taken
+    # exactly, the farthest first, at most ceil(K/8). Benign data: none.
     x, params = _diag_problem(rng, 16, 1e4, 3.0, 0, "diag", n=2000)
-    assert not bool(gmm._likely_ill_conditioned(params).needed)
-    far = gmm.make_params(params.weights, params.means.at[5].add(400.0), params.covariances,
-                          "diag")
-    assert bool(gmm._likely_ill_conditioned(far).needed)  # (400/1)² ≫ RTOL / (4 eps)
-    # near, but on a few points (weight 1e-5): it may collapse within the iteration
+    assert int(gmm._likely_ill_conditioned(params).count) == 0
+    eps = np.finfo(np.float32).eps
+    for shifts in ({5: 400.0}, {5: 400.0, 9: 800.0, 2: -200.0}, {9: 30.0}):
+        means = np.asarray(params.means).copy()
+        for j, v in shifts.items():
+            means[j] += v
+        far = gmm.make_params(params.weights, means, params.covariances, "diag")
+        m = means - np.asarray(gmm._center(far))
+        ratio = 1 + np.max(m**2 / np.asarray(far.covariances), axis=1)
+        at_risk = gmm.EXACT_ROWS_MARGIN * eps * ratio > gmm.PRODUCT_MOMENTS_RTOL
+        exact = gmm._likely_ill_conditioned(far)
+        assert int(exact.count) == min(at_risk.sum(), 2) and at_risk.sum() >= 1
+        np.testing.assert_array_equal(exact.index, np.argsort(-ratio)[:2])
+    # A near component on a few points (weight 1e-5) is not taken on a guess ...
     w = np.asarray(params.weights).copy()
     w[5], w[6] = 1e-5, w[6] + w[5] - 1e-5
     small = gmm.make_params(w, params.means, params.covariances, "diag")
-    assert bool(gmm._likely_ill_conditioned(small).needed)
+    assert int(gmm._likely_ill_conditioned(small).count) == 0
     with jax.enable_x64(True):  # float64 rounds 1e9× less: never needed
         far64 = jax.tree_util.tree_map(
             lambda a: a.astype(np.float64) if hasattr(a, "astype") else a, far)
-        assert not bool(gmm._likely_ill_conditioned(far64).needed)
-    # Skipped, yet a component collapses within the iteration: broad now (σ = 60, so that
-    # its predicted rounding is small) but its new responsibilities lie on 5 copies of a
-    # point 200 away. The check after the sweep trips, and the E-step gives the centred
-    # moments.
+        assert int(gmm._likely_ill_conditioned(far64).count) == 0
+    # ... and if it collapses within the iteration, the check finds it and a second sweep
+    # takes it exactly. Here broad now (σ = 60, so that its predicted rounding is small),
+    # but its new responsibilities lie on 5 copies of a point 200 away.
     centres = np.array([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
     x = (centres[rng.integers(0, 3, 2000)] + rng.normal(size=(2000, 2))).astype(np.float32)
     x[:5] = 200.0
@@ -353,9 +365,48 @@ def test_exact_rows_are_skipped_only_where_no_component_is_at_risk(rng):
     cov = np.concatenate([np.ones((3, 2)), np.full((1, 2), 60.0**2)]).astype(np.float32)
     params = gmm.make_params(np.asarray([0.323, 0.323, 0.324, 0.03], np.float32), means, cov,
                              "diag")
-    assert not bool(gmm._likely_ill_conditioned(params).needed)
-    auto = _check_trips_to_the_centred_moments(params, x)
-    assert np.all(np.asarray(gmm.m_step(auto, 1e-6).covariances)[3] < 1.0)  # from 3600
+    risky, taken, sweep = _first_sweep(params, x)
+    assert list(risky) == [False, False, False, True] and not np.any(taken)
+    moments, _, ok = gmm._product_sweeps(params, gmm._center(params), sweep)
+    assert bool(ok)  # repaired: the centred sweep is not needed
+    centred, _ = gmm.e_step(params, x, moments="centred")
+    for stats in (gmm.GMMStats(*moments, params.means, "diag", live=params.weights > 0),
+                  gmm.e_step(params, x, moments="product")[0]):
+        new, want = gmm.m_step(stats, 1e-6), gmm.m_step(centred, 1e-6)
+        np.testing.assert_allclose(new.covariances, want.covariances, rtol=1e-4)
+        np.testing.assert_allclose(new.means, want.means, rtol=1e-6, atol=1e-5)
+        assert np.all(np.asarray(new.covariances)[3] < 1.0)  # from 3600
+
+
+def test_the_repaired_product_form_is_reverse_differentiable(rng):
+    # The two product sweeps are a scan of conds, not a while loop: reverse mode runs
+    # through them. Where the second sweep repairs a collapsing component, the gradient of
+    # the new covariances with respect to the means matches the centred moments'.
+    centres = np.array([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    x = (centres[rng.integers(0, 3, 600)] + rng.normal(size=(600, 2))).astype(np.float32)
+    x[:5] = 200.0 + rng.normal(size=(5, 2)).astype(np.float32) * 1e-2
+    cov = np.concatenate([np.ones((3, 2)), np.full((1, 2), 60.0**2)]).astype(np.float32)
+    weights = np.asarray([0.323, 0.323, 0.324, 0.03], np.float32)
+    means = np.concatenate([centres, [[200.01, 200.01]]]).astype(np.float32)
+
+    def loss(means, moments):
+        params = gmm.make_params(weights, means, cov, "diag")
+        stats, ll = gmm.e_step(params, x, moments=moments)
+        return jnp.sum(jnp.log(gmm.m_step(stats, 1e-6).covariances)) + ll
+
+    assert _first_sweep(gmm.make_params(weights, means, cov, "diag"), x)[0][3]  # repaired
+    got, want = (jax.grad(loss)(jnp.asarray(means), mo) for mo in ("product", "centred"))
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-3 * float(jnp.max(jnp.abs(want))))
+
+
+def test_a_count_of_exact_rows_is_agreed_over_a_vmap():
+    # Under any vmap the members take as many exact rows as the member needing most, so
+    # that the per-component conds stay conds (gmm._most_of_batch).
+    counts = jnp.asarray([1, 3, 2], jnp.int32)
+    np.testing.assert_array_equal(jax.vmap(gmm._most_of_batch)(counts), [3, 3, 3])
+    nested = jax.vmap(jax.vmap(gmm._most_of_batch))(jnp.asarray([[1, 0], [4, 2]]))
+    np.testing.assert_array_equal(nested, [[4, 4], [4, 4]])
+    assert int(gmm._most_of_batch(jnp.asarray(5))) == 5
 
 
 @pytest.mark.parametrize("cov_type, moments", [("full", "centred"), ("full", "product"),
