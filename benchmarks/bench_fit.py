@@ -97,6 +97,13 @@ def time_jaxem(x, init, cov_type, iters, repeats, dtype, chunk_size, n_init=1, r
 
     ``n_init > 1`` or ``restarts``: the restarts program, initialisation
     (``random_from_data``) included; see :func:`time_restarts` for the two parts apart."""
+    compile_s, run = jaxem_runner(x, init, cov_type, iters, dtype, chunk_size, n_init, restarts)
+    return compile_s, best_of(repeats, lambda _: run()) / max(iters, 1)
+
+
+def jaxem_runner(x, init, cov_type, iters, dtype, chunk_size, n_init=1, restarts=False):
+    """``(compile seconds, run)``: :func:`time_jaxem`'s program compiled, and a function
+    that runs it once (``iters`` iterations) and waits for the result."""
     x = jnp.asarray(x, dtype)
     w, m, c = init
     params = gmm.make_params(w.astype(dtype), m.astype(dtype), c.astype(dtype), cov_type)
@@ -119,8 +126,7 @@ def time_jaxem(x, init, cov_type, iters, repeats, dtype, chunk_size, n_init=1, r
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    best = best_of(repeats, lambda _: jax.block_until_ready(compiled(*dynamic)))
-    return compile_s, best / max(iters, 1)
+    return compile_s, lambda: jax.block_until_ready(compiled(*dynamic))
 
 
 def time_restarts(x, init, cov_type, iters, repeats, dtype, chunk_size, n_init):
