@@ -43,8 +43,23 @@ def flops_per_iter(n, d, k, cov_type) -> float:
     return 8.0 * n * k * d
 
 
-def best_of(repeats, timed, fresh=lambda: None):
-    """Fastest of ``repeats`` calls of ``timed(fresh())``; ``fresh`` runs outside the timer."""
+# Untimed calls before the timed ones, for at least this many seconds: on this project's
+# 2-core VM the first calls after another library ran were up to 2x slower (diag, N = 1e5,
+# D = 32, K = 8: 5.3 ms an iteration for ~0.1 s after a scikit-learn fit, whose BLAS threads
+# had just run, then 2.4 ms), and likewise after a pause; a best of 2-3 right after a peer
+# measured that spell rather than the code.
+WARMUP_SECONDS = 0.3
+
+
+def best_of(repeats, timed, fresh=lambda: None, warmup=WARMUP_SECONDS):
+    """Fastest of ``repeats`` calls of ``timed(fresh())``; ``fresh`` runs outside the timer.
+    Untimed calls come first until ``warmup`` seconds have passed (at least one call when
+    ``warmup > 0``)."""
+    start = time.perf_counter()
+    while warmup > 0:
+        timed(fresh())
+        if time.perf_counter() - start >= warmup:
+            break
     best = np.inf
     for _ in range(repeats):
         arg = fresh()
