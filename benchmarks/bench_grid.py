@@ -17,7 +17,8 @@ VM), the later rows of one long process ran up to 1.7× slower than the same row
 ``--rounds R`` times each cell R times in turn, jaxem then each peer, and keeps each one's
 best: on that VM a slow spell of a few seconds made one side of a cell 2-3× slower (diag
 D = 32, K = 8: 2.4 ms an iteration, 5.3 ms in one grid run), so one round can rank a cell
-by the VM's weather rather than by the code.
+by the VM's weather rather than by the code. With ``--isolate``, each round is a process of
+its own: there a whole process sometimes ran a cell 2× slower throughout.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import json
 import os
 import platform
 import subprocess
@@ -47,6 +49,19 @@ PEERS = {
     "pomegranate": ("pomegranate f32", "pomegranate", lambda x, i, c, it, r:
                     bench_fit.time_pomegranate(x, i, c, it, r, np.float32)),
 }
+
+
+# A child process of --isolate hands its figures back on a line of its own.
+CELL_MARK = "#cell "
+
+
+def _row(ct, d, k, s, times, comp, a, roof) -> None:
+    """Prints one Markdown row of the grid."""
+    gf = bench_fit.flops_per_iter(a.n, d, k, ct) / s / 1e9
+    cells = "".join("– | " if t is None else f"{t:.3g} | " for t in times)
+    ups = " / ".join("–" if t is None else f"{t / s:.1f}×" for t in times) or "–"
+    print(f"| {ct}, {d}, {k} | {s:.3g} | {cells}{gf:.1f} ({100 * gf / roof:.0f}%) | {ups} "
+          f"| {comp:.2f} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -89,23 +104,32 @@ def main(argv=None) -> int:
         print(f"machine: {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} "
               f"on {jax.devices()[0].platform}; float32 matmul roof {roof:.1f} GFLOP/s; "
               f"N={a.n}, {a.iters} iterations, best of {a.repeats}"
-              + ("" if a.rounds == 1 else f" in each of {a.rounds} rounds, taken in turn")
-              + ("" if a.isolate is None else f"; each cell in its own process after "
-                 f"{a.isolate:g} s") + "\n")
+              + ("" if a.rounds == 1 or a.isolate is not None
+                 else f" in each of {a.rounds} rounds, taken in turn")
+              + ("" if a.isolate is None else f"; each cell in {a.rounds} process(es) of its "
+                 f"own, each after {a.isolate:g} s, the best kept") + "\n")
         print("| covariance, D, K | jaxem f32 s/iter | " + "".join(f"{lab} | " for lab in labels)
               + "GFLOP/s (% roof) | speed-up vs " + " / ".join(labels or ["-"])
               + " | compile s |")
         print("|" + " --- |" * (5 + len(labels)))
     for ct, d, k in itertools.product(cov_types, ds, ks):
         if a.isolate is not None:
-            time.sleep(a.isolate)
-            cell = [sys.executable, os.path.abspath(__file__), "--rows-only", "--n", str(a.n),
-                    "--covariance", ct, "--d", str(d), "--k", str(k), "--iters", str(a.iters),
-                    "--repeats", str(a.repeats), "--rounds", str(a.rounds),
-                    "--peers", ",".join(peers)]
-            out = subprocess.run(cell, capture_output=True, text=True, check=True)
-            print("".join(line + "\n" for line in out.stdout.splitlines()
-                          if line.startswith("| ")), end="", flush=True)
+            # One process per round: on the shared VM a whole process sometimes ran a cell
+            # 2x slower throughout (the same program; diag D = 32, K = 8: 5.2 ms an iteration
+            # in 2-3 processes of 10, 2.3 ms in the others), so the rounds must not share one.
+            found = []
+            for _ in range(a.rounds):
+                time.sleep(a.isolate)
+                cell = [sys.executable, os.path.abspath(__file__), "--rows-only", "--n",
+                        str(a.n), "--covariance", ct, "--d", str(d), "--k", str(k), "--iters",
+                        str(a.iters), "--repeats", str(a.repeats), "--peers", ",".join(peers)]
+                out = subprocess.run(cell, capture_output=True, text=True, check=True)
+                found += [json.loads(line[len(CELL_MARK):]) for line in out.stdout.splitlines()
+                          if line.startswith(CELL_MARK)]
+            s = min(f["jaxem"] for f in found)
+            times = [None if any(f["peers"][i] is None for f in found)
+                     else min(f["peers"][i] for f in found) for i in range(len(peers))]
+            _row(ct, d, k, s, times, min(f["compile"] for f in found), a, roof)
             continue
         x = bench_fit.make_data(a.n, d, k)
         init = bench_fit.initial_params(x, k, ct)
@@ -116,11 +140,9 @@ def main(argv=None) -> int:
             for i, name in enumerate(peers):
                 r = PEERS[name][2](x, init, ct, a.iters, a.repeats)
                 times[i] = None if r is None or times[i] is None else min(times[i], r[1])
-        gf = bench_fit.flops_per_iter(a.n, d, k, ct) / s / 1e9
-        cells = "".join("– | " if t is None else f"{t:.3g} | " for t in times)
-        ups = " / ".join("–" if t is None else f"{t / s:.1f}×" for t in times) or "–"
-        print(f"| {ct}, {d}, {k} | {s:.3g} | {cells}{gf:.1f} ({100 * gf / roof:.0f}%) | {ups} "
-              f"| {comp:.2f} |", flush=True)
+        if a.rows_only:
+            print(CELL_MARK + json.dumps({"jaxem": s, "peers": times, "compile": comp}))
+        _row(ct, d, k, s, times, comp, a, roof)
     return 0
 
 
