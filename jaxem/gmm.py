@@ -877,11 +877,6 @@ class _ExactRows(NamedTuple):
     index: jax.Array  # (⌈K/8⌉,) the components, those most at risk first
     count: jax.Array  # () int: how many of them to take (unbatched under vmap)
 
-    @property
-    def needed(self) -> jax.Array:
-        """Whether any rows are taken at all."""
-        return self.count > 0
-
 
 def _likely_ill_conditioned(params: GMMParams, c=None) -> _ExactRows:
     """The ⌈K/8⌉ components whose product-form moments would round worst, and how many
