@@ -716,9 +716,11 @@ def e_step(
         vmap, named or not, the members agree on the path for the moments, so one branch
         runs, not both (:func:`_all_batch_members`).
       moments: ``"product"``: diag/spherical take their second moments as matrix
-        products about the mixture centre and fall back, for that iteration, to moments
-        centred on each mean when the product's rounding would exceed
-        :data:`PRODUCT_MOMENTS_RTOL` of a variance; full takes log-joint and moments as
+        products about the mixture centre, with the components whose rounding would
+        exceed :data:`PRODUCT_MOMENTS_RTOL` of a variance taken centred on their means (in
+        the same sweep, or in a second one for up to ⌈K/8⌉ found after it; beyond that the
+        iteration falls back to moments centred on every mean, see
+        :func:`_product_sweeps`); full takes log-joint and moments as
         products over quadratic features (:func:`_quadratic_features`) unless their
         rounding would exceed :data:`QUADRATIC_FORM_RTOL`, else whitens. ``"centred"``:
         always whitened/centred. ``"auto"`` (default): ``"product"`` where it pays
