@@ -399,6 +399,30 @@ def test_the_repaired_product_form_is_reverse_differentiable(rng):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-3 * float(jnp.max(jnp.abs(want))))
 
 
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), count=st.integers(0, 3),
+       empty=st.lists(st.booleans(), min_size=3, max_size=3),
+       cov_type=st.sampled_from(["diag", "spherical"]))
+def test_exact_rows_skip_only_what_adds_nothing(seed, count, empty, cov_type):
+    # The exact rows are taken for the first `count` slots, and skipped for a slot whose
+    # responsibilities in the block are all zero (a collapsed component elsewhere) — for no
+    # member of a vmap, unless it is empty for all. Either way each member gets exactly the
+    # rows computed for every slot, zeros beyond `count`.
+    rng = np.random.default_rng(seed)
+    moments = gmm._spherical_moments if cov_type == "spherical" else gmm._diag_moments
+    xc = jnp.asarray(rng.normal(size=(40, 3)) * 5, jnp.float32)
+    m = jnp.asarray(rng.normal(size=(2, 3, 3)), jnp.float32)  # two members, 3 slots
+    wr = rng.uniform(size=(2, 3, 40)) * (rng.uniform(size=(2, 3, 40)) > 0.3)
+    wr[0, np.asarray(empty)] = 0.0  # member 0: these slots hold no responsibility here
+    wr = jnp.asarray(wr, jnp.float32)
+    got = jax.vmap(lambda w, mm: moments(xc, w, mm, jnp.int32(count)))(wr, m)
+    for b in range(2):
+        want = moments(xc, wr[b], m[b])  # every slot computed
+        for g, w_ in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g[b, :count], w_[:count])
+            assert not np.any(np.asarray(g[b, count:]))
+
+
 def test_a_count_of_exact_rows_is_agreed_over_a_vmap():
     # Under any vmap the members take as many exact rows as the member needing most, so
     # that the per-component conds stay conds (gmm._most_of_batch).
