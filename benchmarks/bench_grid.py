@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.smoke:
         a.n, a.d, a.k, a.covariance, a.iters = 500, "3", "2,3", "full,diag", 2
+    if a.rounds < 1 or a.repeats < 1:
+        p.error("--rounds and --repeats must be at least 1")
     ds, ks = [int(v) for v in a.d.split(",")], [int(v) for v in a.k.split(",")]
     cov_types = a.covariance.split(",")
     for ct in cov_types:

@@ -879,6 +879,11 @@ PRODUCT_MOMENTS_RTOL = 1e-4
 EXACT_ROWS_MARGIN = 4.0
 
 
+def _exact_slots(n_components: int) -> int:
+    """How many components one product-form sweep can take exactly: ⌈K/8⌉ (static)."""
+    return -(-n_components // 8)
+
+
 class _ExactRows(NamedTuple):
     """Which diag/spherical components the product-form sweep also takes centred on their
     means (:func:`_likely_ill_conditioned`)."""
@@ -912,7 +917,7 @@ def _likely_ill_conditioned(params: GMMParams, c=None) -> _ExactRows:
     # Dead slots (weight 0) take no responsibility: never worth an exact slot. (NaN
     # parameters compare False below: the rows are taken.)
     live = params.weights > 0
-    slots = -(-k // 8)
+    slots = _exact_slots(k)
     _, idx = jax.lax.top_k(jnp.where(live, ratio, -jnp.inf), slots)
     eps = jnp.finfo(var.dtype).eps
     at_risk = live & ~(EXACT_ROWS_MARGIN * eps * ratio <= PRODUCT_MOMENTS_RTOL)
@@ -940,7 +945,7 @@ def _product_sweeps(params: GMMParams, c: jax.Array, sweep):
     """
     k, d = params.means.shape
     dtype = params.means.dtype
-    slots = -(-k // 8)
+    slots = _exact_slots(k)
 
     def one_sweep(exact):
         moments, total, risky, taken = _product_moments(params, exact, *sweep(exact), c=c)
