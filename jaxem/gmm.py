@@ -341,17 +341,13 @@ def _e_step_block(params: GMMParams, x: jax.Array, w: jax.Array, exact=None, c=N
     if exact is None and quad is None:
         moments = _moments_t(xc, wr, m, cov_type, xt)
     elif exact is not None:
-        d = xc.shape[1]
         s_sq = jnp.matmul(wr, sq, precision=PRECISION)  # (K, D or 1): Σ w r (x−c)²
         s_lin = jnp.matmul(wr, xc, precision=PRECISION)  # (K, D): Σ w r (x−c)
         idx = exact.index
-        # (The skipped rows' zeros like the block's, so that inside shard_map both branches
-        # vary over the devices alike.)
-        skipped = jnp.broadcast_to(jnp.zeros_like(xc[:1]), (idx.shape[0], d))
+        # Each slot is a cond of its own (zeros beyond exact.count, or where the block
+        # holds none of its responsibility): no cond around them all is needed.
         exact_moments = _spherical_moments if cov_type == "spherical" else _diag_moments
-        rows = jax.lax.cond(exact.count > 0,
-                            lambda: exact_moments(xc, wr[idx], m[idx], exact.count),
-                            lambda: (skipped, skipped))
+        rows = exact_moments(xc, wr[idx], m[idx], exact.count)
         moments = (jnp.sum(wr, axis=1), s_lin, s_sq, *rows)
     # Weight-zero rows (padding, overlap) add exactly zero, even if their density overflowed;
     # where it did not, d total / d w_n = log p(x_n) still holds at w_n = 0.
