@@ -31,6 +31,13 @@ where the persistent cache is on (same folder rules: ``$XDG_CACHE_HOME/jaxem/pro
 private to the user) and falls back to an ordinary ``jax.jit`` call whenever a call cannot
 be keyed (traced arguments, Python callbacks, several devices) or a stored file cannot be
 loaded.
+
+Size: each folder is kept within ``JAXEM_CACHE_MAX_MB`` megabytes (default
+:data:`DEFAULT_CACHE_MAX_MB`), the least recently used files removed first
+(:func:`trim_folder`): both when a process turns the cache on, and the program store
+whenever it stores a program (a stored program loaded counts as used). Every change to
+jaxem's source or to JAX's version keys new programs, so without a cap the folders would
+only grow.
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ import numpy as np
 from jaxem import _validation
 
 DISABLE_ENV = "JAXEM_NO_COMPILATION_CACHE"
+SIZE_ENV = "JAXEM_CACHE_MAX_MB"
+# The most each cache folder keeps by default, in megabytes (a stored program of a small fit
+# is 0.3-0.5 MB; a session's search over shapes and settings stores tens to hundreds).
+DEFAULT_CACHE_MAX_MB = 1024
 # Programs that compile faster than this are not worth a file (JAX's default is 1 s, which
 # would leave out most of a small fit's programs).
 MIN_COMPILE_SECONDS = 0.1
@@ -83,12 +94,63 @@ def enable_persistent_cache() -> Path | None:
     path = cache_dir()
     if not _private_dir(path):
         return None  # never a folder that is not the user's own
+    limit = cache_max_bytes()  # a bad setting fails here, before anything is stored
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     _state["path"] = path
     store = path.parent / "programs"
     _state["store"] = store if _private_dir(store) else None
+    for folder in (path, _state["store"]):
+        if folder is not None:
+            trim_folder(folder, limit)
     return path
+
+
+def cache_max_bytes() -> int:
+    """The most bytes each cache folder keeps: ``JAXEM_CACHE_MAX_MB`` megabytes (a positive
+    number), default :data:`DEFAULT_CACHE_MAX_MB`."""
+    text = os.environ.get(SIZE_ENV, "").strip()
+    if not text:
+        return DEFAULT_CACHE_MAX_MB * 2**20
+    try:
+        megabytes = float(text)
+    except ValueError:
+        megabytes = float("nan")
+    if not (np.isfinite(megabytes) and megabytes > 0):
+        raise ValueError(f"{SIZE_ENV} must be a positive number of megabytes, got {text!r}")
+    return int(megabytes * 2**20)
+
+
+def trim_folder(folder: Path, max_bytes: int) -> int:
+    """Removes the least recently used files of ``folder`` (by modification time, which a
+    load of a stored program renews) until the rest take at most ``max_bytes``; the bytes
+    removed. Files being written (hidden temporaries, locks) and sub-folders are left alone;
+    a file another process removed first is skipped."""
+    files = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                files.append((info.st_mtime_ns, info.st_size, entry.path))
+    except OSError:
+        return 0
+    total = sum(size for _, size, _ in files)
+    removed = 0
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        total -= size
+        removed += size
+    return removed
 
 
 def _private_dir(path: Path) -> bool:
@@ -399,9 +461,14 @@ class StoredProgram:
             if not data.startswith(STORE_FORMAT):
                 return None
             payload, in_tree, out_tree = pickle.loads(data[len(STORE_FORMAT):])
-            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
         except Exception:  # noqa: BLE001 - none yet, or a stale or damaged file: compile
             return None
+        try:
+            os.utime(path)  # used now: the last to go when the store is trimmed
+        except OSError:
+            pass
+        return compiled
 
     def _save(self, store: Path, key: str, compiled) -> None:
         from jax.experimental import serialize_executable
@@ -420,6 +487,8 @@ class StoredProgram:
             os.replace(tmp, store / key)  # readers never see a partial file
         except OSError:  # a full disk: just not stored
             Path(tmp).unlink(missing_ok=True)
+            return
+        trim_folder(store, cache_max_bytes())
 
     def forget(self) -> None:
         """Drop the executables this process holds (they stay on disk)."""

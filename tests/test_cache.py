@@ -10,6 +10,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxem
 from jaxem import _cache
@@ -203,3 +205,81 @@ def test_programs_whose_run_time_matters_compile_without_ynnpack_fusions():
         {}, hyper, n_history=128).compile().as_text()
     for text in (fit, restarts):
         assert "__ynn_fusion" not in text
+
+
+@settings(max_examples=60, deadline=None)
+@given(files=st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 10**6)), max_size=12,
+                      unique_by=lambda f: f[1]),
+       cap=st.integers(0, 30000))
+def test_a_folder_is_trimmed_to_its_cap_least_recently_used_first(tmp_path_factory, files,
+                                                                  cap):
+    """Over the cap, the oldest files go until the rest fit, and no more; under it, none.
+    Hidden files (temporaries being written) and sub-folders are never touched."""
+    folder = tmp_path_factory.mktemp("store")
+    for i, (size, age) in enumerate(files):
+        path = folder / f"p{i}"
+        path.write_bytes(b"x" * size)
+        os.utime(path, ns=(10**18 - age * 10**9, 10**18 - age * 10**9))
+    (folder / ".tmp-writing").write_bytes(b"x" * 9999)
+    (folder / "sub").mkdir()
+    total = sum(size for size, _ in files)
+    removed = _cache.trim_folder(folder, cap)
+    kept = {p.name for p in folder.iterdir()} - {".tmp-writing", "sub"}
+    newest_first = [f"p{i}" for i in sorted(range(len(files)), key=lambda i: files[i][1])]
+    assert kept == set(newest_first[:len(kept)])  # the most recent ones stay
+    kept_bytes = sum(files[int(name[1:])][0] for name in kept)
+    assert removed == total - kept_bytes
+    if total <= cap:
+        assert removed == 0
+    else:
+        assert kept_bytes <= cap
+        dropped_last = newest_first[len(kept):][:1]  # keeping one more would not fit
+        assert all(kept_bytes + files[int(n[1:])][0] > cap for n in dropped_last)
+    assert (folder / ".tmp-writing").exists() and (folder / "sub").is_dir()
+
+
+def test_the_cache_size_setting_is_checked(monkeypatch):
+    monkeypatch.delenv(_cache.SIZE_ENV, raising=False)
+    assert _cache.cache_max_bytes() == _cache.DEFAULT_CACHE_MAX_MB * 2**20
+    monkeypatch.setenv(_cache.SIZE_ENV, "0.5")
+    assert _cache.cache_max_bytes() == 2**19
+    for bad in ("0", "-3", "lots", "nan", "inf"):
+        monkeypatch.setenv(_cache.SIZE_ENV, bad)
+        with pytest.raises(ValueError, match=_cache.SIZE_ENV):
+            _cache.cache_max_bytes()
+
+
+def test_storing_a_program_trims_the_store_and_loading_one_renews_it(tmp_path, monkeypatch):
+    """A program stored past the cap pushes out the least recently used files; a program
+    loaded from the store counts as just used."""
+    store = tmp_path / "programs"
+    store.mkdir()
+    monkeypatch.setitem(_cache._state, "store", store)
+    stale = store / ("0" * 64)
+    stale.write_bytes(b"x" * 2**20)
+    os.utime(stale, (1, 1))
+    monkeypatch.setenv(_cache.SIZE_ENV, "1")  # the stale file and a program do not fit
+    program = _cache.StoredProgram(lambda a: a * 3, ())
+    assert float(program(np.float32(2.0))) == 6.0
+    stored = [p for p in store.iterdir() if p != stale]
+    assert len(stored) == 1 and not stale.exists()
+    os.utime(stored[0], (1, 1))
+    again = _cache.StoredProgram(lambda a: a * 3, ())  # a new process's copy: loads it
+    assert float(again(np.float32(2.0))) == 6.0 and again._loaded
+    assert stored[0].stat().st_mtime > 1e9
+
+
+def test_turning_the_cache_on_trims_its_folders(tmp_path):
+    """A process that turns the cache on first trims both folders to the cap (here 1 MB),
+    the oldest files first."""
+    xla = tmp_path / "jaxem" / "xla"
+    xla.mkdir(parents=True, mode=0o700)
+    for i in range(4):
+        path = xla / f"old{i}-cache"
+        path.write_bytes(b"x" * 400_000)
+        os.utime(path, (1000 + i, 1000 + i))
+    _probe({_cache.SIZE_ENV: "1"}, tmp_path)
+    left = sorted(p.name for p in xla.iterdir() if p.name.startswith("old"))
+    assert left == ["old2-cache", "old3-cache"]
+    programs = tmp_path / "jaxem" / "programs"  # trimmed whenever it stores one
+    assert 0 < sum(p.stat().st_size for p in programs.iterdir()) <= 2**20
