@@ -25,8 +25,22 @@ class KMeansResult(NamedTuple):
     n_iter: jax.Array  # () int32 Lloyd iterations run
 
 
+# Up to this many features the squared distances are summed feature by feature as
+# elementwise operations rather than expanded into a matrix product: a product contracting
+# over 2-4 features is mostly overhead, and batched over datasets (``fit_batch``) each
+# member's tiny product is a call of its own. 1,000 datasets × 200 points, D = 2, K = 3: the
+# distances took 1.9 ms a Lloyd iteration as a product (the initialisation's run 0.18 s,
+# now 0.09 s); unbatched, N = 1e6, D = 4, K = 8: 520 -> 475 ms for 20 iterations. (The
+# centre sums as reductions over a (K, N) mask instead of a product ran slower: 475 -> 715
+# ms at N = 1e6.) The differences are also exact where the expanded form rounds.
+SMALL_FEATURES = 4
+
+
 def _sq_distances(x: jax.Array, x_sq: jax.Array, centers: jax.Array) -> jax.Array:
-    # (N, K) ||x_n - c_k||² by the expanded form; clipped because rounding can make it < 0.
+    """(N, K) ||x_n - c_k||²: feature by feature up to :data:`SMALL_FEATURES`, else by the
+    expanded form (clipped: rounding can make it < 0)."""
+    if x.shape[1] <= SMALL_FEATURES:
+        return sum((x[:, j, None] - centers[None, :, j]) ** 2 for j in range(x.shape[1]))
     cross = jnp.matmul(x, centers.T, precision=PRECISION)
     return jnp.maximum(x_sq[:, None] - 2.0 * cross + jnp.sum(centers**2, axis=1)[None], 0.0)
 

@@ -1,8 +1,11 @@
 """k-means initialisation."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxem import kmeans
 
@@ -57,3 +60,25 @@ def test_kmeans_is_vmappable_over_keys(rng, offset):
     assert res.centers.shape == (4, 3, 3)
     single = kmeans.kmeans(keys[2], x + offset, 3)
     np.testing.assert_allclose(res.inertia[2], single.inertia, rtol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), d=st.integers(1, 6), k=st.integers(1, 5),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_squared_distances_match_float64(seed, d, k, scale):
+    # Feature by feature up to SMALL_FEATURES (exact differences), the expanded form above
+    # it (clipped at 0): both within float32 rounding of the float64 distances, never < 0.
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(30, d)) * scale).astype(np.float32)
+    c = (rng.normal(size=(k, d)) * scale).astype(np.float32)
+    got = np.asarray(kmeans._sq_distances(jnp.asarray(x), jnp.sum(jnp.asarray(x) ** 2, axis=1),
+                                          jnp.asarray(c)))
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    want = ((x64[:, None] - c64[None]) ** 2).sum(axis=2)
+    eps = np.finfo(np.float32).eps
+    if d <= kmeans.SMALL_FEATURES:  # the differences are exact: rounding of the sum only
+        tol = 4 * d * eps * want
+    else:  # the expanded form rounds like |x|² + |c|²
+        tol = 8 * d * eps * ((x64**2).sum(1)[:, None] + (c64**2).sum(1)[None])
+    assert got.shape == (30, k) and np.all(got >= 0)
+    assert np.all(np.abs(got - want) <= tol + 1e-30)
