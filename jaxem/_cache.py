@@ -97,7 +97,7 @@ def enable_persistent_cache() -> Path | None:
     limit = cache_max_bytes()  # a bad setting fails here, before anything is stored
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-    _state["path"] = path
+    _state["path"], _state["limit"] = path, limit
     store = path.parent / "programs"
     _state["store"] = store if _private_dir(store) else None
     for folder in (path, _state["store"]):
@@ -488,7 +488,7 @@ class StoredProgram:
         except OSError:  # a full disk: just not stored
             Path(tmp).unlink(missing_ok=True)
             return
-        trim_folder(store, cache_max_bytes())
+        trim_folder(store, _state.get("limit", DEFAULT_CACHE_MAX_MB * 2**20))
 
     def forget(self) -> None:
         """Drop the executables this process holds (they stay on disk)."""

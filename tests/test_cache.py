@@ -258,7 +258,7 @@ def test_storing_a_program_trims_the_store_and_loading_one_renews_it(tmp_path, m
     stale = store / ("0" * 64)
     stale.write_bytes(b"x" * 2**20)
     os.utime(stale, (1, 1))
-    monkeypatch.setenv(_cache.SIZE_ENV, "1")  # the stale file and a program do not fit
+    monkeypatch.setitem(_cache._state, "limit", 2**20)  # the stale file and a program do not fit
     program = _cache.StoredProgram(lambda a: a * 3, ())
     assert float(program(np.float32(2.0))) == 6.0
     stored = [p for p in store.iterdir() if p != stale]
