@@ -66,7 +66,7 @@ def test_kmeans_is_vmappable_over_keys(rng, offset):
 @given(seed=st.integers(0, 2**31 - 1), d=st.integers(1, 6), k=st.integers(1, 5),
        scale=st.sampled_from([1e-3, 1.0, 1e3]))
 def test_squared_distances_match_float64(seed, d, k, scale):
-    # Feature by feature up to SMALL_FEATURES (exact differences), the expanded form above
+    # Feature by feature up to SMALL_FEATURES (no cancellation), the expanded form above
     # it (clipped at 0): both within float32 rounding of the float64 distances, never < 0.
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=(30, d)) * scale).astype(np.float32)
@@ -76,7 +76,7 @@ def test_squared_distances_match_float64(seed, d, k, scale):
     x64, c64 = x.astype(np.float64), c.astype(np.float64)
     want = ((x64[:, None] - c64[None]) ** 2).sum(axis=2)
     eps = np.finfo(np.float32).eps
-    if d <= kmeans.SMALL_FEATURES:  # the differences are exact: rounding of the sum only
+    if d <= kmeans.SMALL_FEATURES:  # each term rounds relative to itself
         tol = 4 * d * eps * want
     else:  # the expanded form rounds like |x|² + |c|²
         tol = 8 * d * eps * ((x64**2).sum(1)[:, None] + (c64**2).sum(1)[None])
