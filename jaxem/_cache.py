@@ -343,6 +343,22 @@ def _leaf_key(leaf, device) -> str | None:
 # (a 1,000-dataset fit_batch program: 0.58 against 0.70 s; it runs 0.02 s faster without).
 # Ignored by other backends.
 DEFAULT_COMPILE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# On the CPU the default-option programs also take LLVM's -O1 instead of -O2: their run time
+# is in matrix products (library calls) and the fusion emitters' loops, which -O1 leaves as
+# fast, while compiling takes 10-45% less (measured on the 2-core Intel VM, same process,
+# -O2 / -O1: compile 1.13 / 0.97 s and 34.0 / 33.4 ms an iteration for full 16 × 16 at
+# N = 1e5, diag 64 × 8 at 2e5 0.95 / 0.83 s and 28.3 / 28.0 ms, full 64 × 64 at 1e5
+# 1.58 / 1.38 s and 637 / 637 ms; a model search's seeding 1.37 / 0.81 s, 0.68 / 0.65 s
+# to run; more in benchmarks/README.md, tenth session). Not on a GPU, where the same option
+# sets the level its kernels are generated at, unmeasured here.
+CPU_DEFAULT_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def default_compile_options() -> dict:
+    """The options of the programs whose run time matters: :data:`DEFAULT_COMPILE_OPTIONS`,
+    and on the CPU :data:`CPU_DEFAULT_OPTIONS` too."""
+    on_cpu = jax.default_backend() == "cpu"
+    return {**DEFAULT_COMPILE_OPTIONS, **(CPU_DEFAULT_OPTIONS if on_cpu else {})}
 
 
 def supported_options(options: dict | None) -> dict | None:
@@ -377,15 +393,26 @@ class StoredProgram:
     stored executable, skipping tracing, lowering and compiling; otherwise the jitted
     function runs (and its executable is stored for next time). Attributes other than the
     call (``lower``, ``_cache_size``) are the jitted function's. The options this XLA does
-    not know are dropped (:func:`supported_options`), when the program is first used."""
+    not know are dropped (:func:`supported_options`), when the program is first used;
+    ``compiler_options`` may be a function that gives them then (they may depend on the
+    backend, as :func:`default_compile_options`)."""
 
     def __init__(self, fn, static_argnames, compiler_options=None):
         self._fn = fn
-        self._options = compiler_options
+        self._options_given = compiler_options
         self._signature = inspect.signature(fn)
         self._static = tuple(static_argnames)
-        self._name = f"{fn.__module__}.{fn.__qualname__}:{sorted((compiler_options or {}).items())}"
         self._loaded: dict = {}
+
+    @functools.cached_property
+    def _options(self) -> dict | None:
+        given = self._options_given
+        return given() if callable(given) else given
+
+    @functools.cached_property
+    def _name(self) -> str:
+        options = sorted((self._options or {}).items())
+        return f"{self._fn.__module__}.{self._fn.__qualname__}:{options}"
 
     @functools.cached_property
     def jitted(self):

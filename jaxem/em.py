@@ -200,10 +200,10 @@ class ProgramVariants(NamedTuple):
 
 
 def jit_variants(fn, static_argnames) -> ProgramVariants:
-    """``jit(fn)`` with the default (:data:`jaxem._cache.DEFAULT_COMPILE_OPTIONS`), quick
+    """``jit(fn)`` with the default (:func:`jaxem._cache.default_compile_options`), quick
     and small compiler options."""
     return ProgramVariants(*(_cache.StoredProgram(fn, static_argnames, options) for options in
-                             (_cache.DEFAULT_COMPILE_OPTIONS, QUICK_COMPILE_OPTIONS,
+                             (_cache.default_compile_options, QUICK_COMPILE_OPTIONS,
                               SMALL_COMPILE_OPTIONS)))
 
 
@@ -218,7 +218,7 @@ def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, pro
 
 
 _fit_jit = _cache.StoredProgram(_fit_program, ("model", "n_history", "mesh", "progress"),
-                                _cache.DEFAULT_COMPILE_OPTIONS)
+                                _cache.default_compile_options)
 
 
 def _init_sample(key, x, weights, n_rows: int | None):

@@ -185,6 +185,24 @@ def test_compiler_options_this_xla_does_not_know_are_dropped():
     assert float(program(np.float32(3.0))) == 6.0
 
 
+def test_default_options_add_the_cpu_settings_on_the_cpu_only(monkeypatch):
+    """The default-option programs take LLVM's -O1 on the CPU (CPU_DEFAULT_OPTIONS), not on
+    another backend, and a program given its options as a function resolves them when first
+    used and keys its stored executables by what they resolved to."""
+    assert jax.default_backend() == "cpu"
+    on_cpu = _cache.default_compile_options()
+    assert on_cpu == {**_cache.DEFAULT_COMPILE_OPTIONS, **_cache.CPU_DEFAULT_OPTIONS}
+    program = _cache.StoredProgram(lambda a: a * 2, (), _cache.default_compile_options)
+    assert float(program(np.float32(3.0))) == 6.0
+    cpu_name = program._name
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _cache.default_compile_options() == _cache.DEFAULT_COMPILE_OPTIONS
+    elsewhere = _cache.StoredProgram(lambda a: a * 2, (), _cache.default_compile_options)
+    assert elsewhere._options == _cache.DEFAULT_COMPILE_OPTIONS
+    assert program._options == on_cpu  # resolved once, when first used
+    assert elsewhere._name != cpu_name
+
+
 def test_programs_whose_run_time_matters_compile_without_ynnpack_fusions():
     """The default-option programs and every fit hand no work to XLA:CPU's YNNPACK fusions
     (slow for a mixture's small dimensions; see _cache.DEFAULT_COMPILE_OPTIONS)."""

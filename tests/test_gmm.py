@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxem import elbo, gmm
+from jaxem._rowsum import blockwise_sum
 
 COV_TYPES = ["full", "tied", "diag", "spherical"]
 
@@ -294,7 +295,7 @@ def _first_sweep(params, x):
     """The product form's first sweep on (params, x): ``(risky, taken, sweep)``, the
     components failing the check after it, the exact ones, and the sweep itself."""
     def sweep(exact):
-        return gmm._blockwise_sum(
+        return blockwise_sum(
             lambda xs, ws: gmm._e_step_block(params, xs, ws, exact=exact), x,
             np.ones(len(x), x.dtype), 256)
 
@@ -529,6 +530,39 @@ def test_init_is_one_m_step_from_the_methods_responsibilities(x64, blobs, method
     np.testing.assert_allclose(params.weights.sum(), 1.0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("cov_type", ["full", "tied", "diag", "spherical"])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_init_from_labels_in_blocks_is_the_weighted_m_step(x64, cov_type, batch):
+    """Given hard labels (−1: no component), weights with zeros and more rows than a
+    block (several blocks at ``batch`` = 64, one at 1), init is the weighted M-step of the
+    one-hot responsibilities, checked against numpy in float64; dead slots stay dead."""
+    rng = np.random.default_rng(11)
+    n, d, k, live = 3000, 3, 5, 4
+    x = rng.normal(size=(n, d)) * rng.uniform(0.5, 3.0, d) + 10.0
+    labels = rng.integers(-1, live, n).astype(np.int32)
+    w = rng.uniform(0.2, 3.0, n)
+    w[rng.choice(n, 300, replace=False)] = 0.0
+    reg = 1e-6
+    if batch > 1:
+        assert gmm.auto_chunk_size(n, k, d, np.float64, cov_type, batch) < n
+    params = gmm.init(jax.random.PRNGKey(0), x, k, cov_type, weights=w, labels=labels,
+                      n_live=live, reg_covar=reg, batch=batch)
+    nk = np.array([w[labels == j].sum() for j in range(live)])
+    means = np.stack([np.sum(w[labels == j, None] * x[labels == j], 0) / nk[j]
+                      for j in range(live)])
+    scatter = np.stack([(w[labels == j, None] * (x[labels == j] - means[j])).T
+                        @ (x[labels == j] - means[j]) for j in range(live)])
+    np.testing.assert_allclose(params.weights[:live], nk / nk.sum(), rtol=1e-12)
+    np.testing.assert_array_equal(params.weights[live:], 0.0)
+    np.testing.assert_allclose(params.means[:live], means, rtol=1e-12)
+    want = {"full": scatter / nk[:, None, None] + reg * np.eye(d),
+            "tied": scatter.sum(0) / nk.sum() + reg * np.eye(d),
+            "diag": np.diagonal(scatter, axis1=1, axis2=2) / nk[:, None] + reg,
+            "spherical": np.trace(scatter, axis1=1, axis2=2) / (d * nk) + reg}[cov_type]
+    got = params.covariances if cov_type == "tied" else params.covariances[:live]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
 def test_init_responsibilities_are_shared_by_the_covariance_types(x64, blobs):
     # The covariance type only changes the M-step: the four give the same means and weights,
     # and covariances that are the structured versions of the full ones.
@@ -738,7 +772,7 @@ def test_quadratic_form_check_trips_only_when_needed(rng):
     x, params = _full_problem(rng, 4, 4, 1e4, 3.0, 0)
     c = gmm._center(params)
     assert bool(gmm._quadratic_form_ok(params, c))
-    sums = gmm._blockwise_sum(lambda xs, ws: gmm._e_step_block(
+    sums = blockwise_sum(lambda xs, ws: gmm._e_step_block(
         params, xs, ws, c=c, quad=gmm._full_quadratic_coefs(params, c)), x, np.ones(600), 128)
     assert bool(gmm._quadratic_moments(params, *sums, c=c)[2])
 
@@ -754,7 +788,7 @@ def test_quadratic_form_check_trips_only_when_needed(rng):
     # the duplicates is ~0: the check after the sweep trips.
     c = gmm._center(params)
     assert bool(gmm._quadratic_form_ok(params, c))
-    sums = gmm._blockwise_sum(lambda xs, ws: gmm._e_step_block(
+    sums = blockwise_sum(lambda xs, ws: gmm._e_step_block(
         params, xs, ws, c=c, quad=gmm._full_quadratic_coefs(params, c)), x, np.ones(600), 128)
     assert not bool(gmm._quadratic_moments(params, *sums, c=c)[2])
     auto, _ = gmm.e_step(params, x, moments="product")

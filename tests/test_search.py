@@ -382,6 +382,30 @@ def test_kmeans_plusplus_runs_once_per_trial_count_and_equals_the_per_k_seeding(
             np.testing.assert_array_equal(shared[i * 3 + r], alone)
 
 
+@pytest.mark.parametrize("cov_type", ["full", "diag"])
+def test_criteria_summed_over_row_blocks_equal_the_whole_data_oracle(x64, cov_type):
+    """More rows than one evaluation block (search.EVALUATION_ROWS): the final
+    log-likelihood and the ICL term are summed block by block (the last block overlapping
+    its predecessor, padded rows and zero-weight rows adding nothing), and equal scipy's
+    over the whole data with the cell's parameters."""
+    rng = np.random.default_rng(7)
+    x = make_blobs(rng, n_per=900, k=3, d=2)  # 2,700 rows: three blocks and a padded tail
+    assert x.shape[0] > 2 * search.EVALUATION_ROWS
+    w = rng.uniform(0.5, 2.0, len(x))
+    w[rng.choice(len(x), 200, replace=False)] = 0.0
+    result = jaxem.select(x, [1, 3], cov_type, n_init=1, weights=w, tol=1e-3)
+    for i, k in enumerate(result.ks):
+        lj = log_joint_oracle(result.params[k, cov_type], x)
+        log_norm = np.logaddexp.reduce(lj, axis=1)
+        log_lik = np.sum(w * log_norm)
+        hard = np.sum(w * (np.max(lj, axis=1) - log_norm))
+        assert result.log_likelihood[i, 0] == pytest.approx(log_lik / w.sum(), rel=1e-9)
+        n_params = result.n_parameters[i, 0]
+        assert result.bic[i, 0] == pytest.approx(-2 * log_lik + n_params * np.log(w.sum()),
+                                                 rel=1e-9)
+        assert result.icl[i, 0] == pytest.approx(result.bic[i, 0] - 2 * hard, rel=1e-9)
+
+
 def test_each_cell_keeps_the_restart_with_the_best_final_log_likelihood(x64):
     """The criteria are made of the log-likelihood at a restart's final parameters, so the
     cell keeps the restart whose final parameters score best (not the one with the best
