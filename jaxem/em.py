@@ -7,7 +7,9 @@ The drivers know nothing about Gaussians. A *model* is any hashable object with
     init(key, x, n_components, *, weights, method, **hyper) -> params   (for fit_restarts)
     default_hyper() -> dict                            (optional: defaults of **hyper)
     with_batch(n, axis_name) -> model                  (optional: sized for n restarts vmapped
-                                                        over axis_name; may use collectives on it)
+                                                        over axis_name; may use collectives on it;
+                                                        axis_name is None for a single restart,
+                                                        which runs without a vmap)
     check_hyper(**hyper)                               (optional: eager validation)
     check_params(params, x)                            (optional: eager validation)
     combine_stats(a, b, a_scale, b_scale) -> stats     (optional: a_scale·a + b_scale·b, for
@@ -252,11 +254,10 @@ def _restarts_loop(model, x, weights, params0, tol, max_iter, hyper, mesh=None, 
     axis = None if mesh is None else _DATA
 
     def loop(x, weights, params0, tol, max_iter, hyper):
-        return jax.vmap(
+        return _loop.over_restarts(
             lambda p, r: run(model, x, weights, p, tol, max_iter, hyper, axis, progress, r,
                              n_history=n_history),
-            axis_name=RESTARTS_AXIS,
-        )(params0, jnp.arange(n_init))
+            n_init, params0, jnp.arange(n_init))
 
     return _loop.best_restart(_over_devices(loop, mesh)(x, weights, params0, tol, max_iter,
                                                          hyper))
@@ -570,7 +571,7 @@ def fit_restarts(
             init_rows=init_rows, progress=progress, **hyper)
     _validation.check_data(x, "x", min_samples=n_components)
     if hasattr(model, "with_batch"):
-        model = model.with_batch(n_init, RESTARTS_AXIS)
+        model = model.with_batch(n_init, _loop.restarts_axis(n_init))
     inp = prepare(model, x, None, weights=weights, tol=tol, max_iter=max_iter, hyper=hyper,
                   devices=devices)
     dtype = inp.x.dtype

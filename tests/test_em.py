@@ -53,6 +53,32 @@ def test_max_iter_zero_returns_init(blobs):
 
 
 @pytest.mark.parametrize("cov_type", ["full", "diag"])
+def test_a_single_restart_runs_unbatched_and_equals_it_batched_and_alone(x64, rng, cov_type):
+    """n_init = 1 runs without a vmap (_loop.over_restarts; the model names no restarts
+    axis): the same fit as the first restart's alone, and as a vmap over one restart with
+    the model sized and named for it (how n_init > 1 runs each restart)."""
+    x = make_blobs(rng, n_per=60, k=3, d=2, sep=2.5)
+    model = gmm.GaussianMixtureModel(cov_type, moments="product")
+    key = jax.random.PRNGKey(5)
+    res = jaxem.fit_restarts(model, x, key, n_components=3, n_init=1, init_method="random",
+                             tol=1e-6, max_iter=300)
+    assert np.shape(res.restarts.n_iter) == (1,)
+    params0 = model.init(jax.random.split(key, 1)[0], x, 3, method="random", reg_covar=1e-6)
+    alone = jaxem.fit(model, x, params0, tol=1e-6, max_iter=300)
+    named = model.with_batch(1, em.RESTARTS_AXIS)
+    hyper = {"reg_covar": jnp.asarray(1e-6)}
+    batched = jax.vmap(lambda p: em.run(named, jnp.asarray(x), None, p, jnp.asarray(1e-6),
+                                        jnp.asarray(300), hyper),
+                       axis_name=em.RESTARTS_AXIS)(
+        jax.tree_util.tree_map(lambda a: a[None], params0))
+    for other in (alone, jax.tree_util.tree_map(lambda a: a[0], batched)):
+        assert int(other.n_iter) == int(res.best.n_iter)
+        assert tree_allclose(res.best.params, other.params, rtol=1e-10, atol=1e-12)
+        assert float(res.best.lower_bound) == pytest.approx(float(other.lower_bound),
+                                                            rel=1e-12)
+
+
+@pytest.mark.parametrize("cov_type", ["full", "diag"])
 def test_vmapped_restart_equals_the_same_restart_alone(x64, rng, cov_type):
     # The product forms (forced: "auto" takes them only for large N): the restarts agree
     # (pmin over the vmap axis) on the path for the moments.
