@@ -345,12 +345,13 @@ def _leaf_key(leaf, device) -> str | None:
 DEFAULT_COMPILE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # On the CPU the default-option programs also take LLVM's -O1 instead of -O2: their run time
 # is in matrix products (library calls) and the fusion emitters' loops, which -O1 leaves as
-# fast, while compiling takes 10-45% less (measured on the 2-core Intel VM, same process,
-# -O2 / -O1: compile 1.13 / 0.97 s and 34.0 / 33.4 ms an iteration for full 16 × 16 at
-# N = 1e5, diag 64 × 8 at 2e5 0.95 / 0.83 s and 28.3 / 28.0 ms, full 64 × 64 at 1e5
-# 1.58 / 1.38 s and 637 / 637 ms; a model search's seeding 1.37 / 0.81 s, 0.68 / 0.65 s
-# to run; more in benchmarks/README.md, tenth session). Not on a GPU, where the same option
-# sets the level its kernels are generated at, unmeasured here.
+# fast, while most compile up to ~40% faster (measured on the 2-core Intel VM, a fresh
+# process each, -O2 / -O1: compile 1.13 / 0.97 s and 34.0 / 33.4 ms an iteration for full
+# 16 × 16 at N = 1e5, diag 64 × 8 at 2e5 0.95 / 0.83 s and 28.3 / 28.0 ms, full 64 × 64 at
+# 1e5 1.58 / 1.38 s and 637 / 637 ms; a model search's seeding 1.37 / 0.81 s, 0.68 / 0.65 s
+# to run; full 8 × 8 at 1e6 no faster to compile; 14 cells in benchmarks/README.md, tenth
+# session). Not on a GPU, where the same option sets the level its kernels are generated
+# at, unmeasured here.
 CPU_DEFAULT_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

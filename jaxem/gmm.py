@@ -1272,6 +1272,7 @@ def init(
     """
     _validation.check_covariance_type(covariance_type)
     _validation.check_init_method(method)
+    batch = _validation.check_int(batch, "batch", 1)
     return _init(key, x, n_components, covariance_type, method, weights, reg_covar,
                  weights_init, means_init, precisions_init, n_live, labels, batch=batch)
 

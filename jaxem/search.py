@@ -197,14 +197,15 @@ def _seeding_program(x, weights, key, n_live, group_live, group_of, k_max, n_ini
     return tuple(out)
 
 
-# The search's final evaluation (each member's log-likelihood and ICL term at its last
-# parameters) takes the rows in blocks of this many: N = 1e5, D = 16, K = 1..16, full,
-# 64 members: 0.7 s instead of 2.1 s for the (N, K) log-joint of each member (whose
-# block-stacked output XLA copied whole at every block), 0.8 s with blocks of 512, 0.9 s
-# of 2,048 rows (benchmarks/README.md, tenth session).
-EVALUATION_ROWS = 1024
-
 _seeding_programs = em.jit_variants(_seeding_program, ("k_max", "n_init", "methods"))
+
+# The search's final evaluation (each member's log-likelihood and ICL term at its last
+# parameters) takes the rows in blocks of this many. N = 1e5, D = 16, K = 1..16, full,
+# 64 members: the evaluation ~0.7 s instead of 2.1 s for each member's (N, K) log-joint
+# (whose block-stacked output XLA copied whole at every block); the search's work besides
+# EM 3.57 / 3.20 / 3.31 s with blocks of 512 / 1,024 / 2,048 rows, 5.2 s before
+# (benchmarks/README.md, tenth session).
+EVALUATION_ROWS = 1024
 
 
 def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max, n_init,

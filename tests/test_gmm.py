@@ -563,6 +563,13 @@ def test_init_from_labels_in_blocks_is_the_weighted_m_step(x64, cov_type, batch)
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
+@pytest.mark.parametrize("batch, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError),
+                                          (True, TypeError)])
+def test_init_rejects_a_bad_batch_before_compiling(blobs, batch, error):
+    with pytest.raises(error, match="batch"):
+        gmm.init(jax.random.PRNGKey(0), blobs, 3, "full", batch=batch)
+
+
 def test_init_responsibilities_are_shared_by_the_covariance_types(x64, blobs):
     # The covariance type only changes the M-step: the four give the same means and weights,
     # and covariances that are the structured versions of the full ones.
