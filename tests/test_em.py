@@ -11,7 +11,7 @@ from conftest import make_blobs
 from helpers import tree_allclose
 
 import jaxem
-from jaxem import em, gmm
+from jaxem import _loop, em, gmm
 
 COV_TYPES = ["full", "tied", "diag", "spherical"]
 
@@ -50,6 +50,29 @@ def test_max_iter_zero_returns_init(blobs):
     result = jaxem.fit(gmm.GaussianMixtureModel("diag"), blobs, params, max_iter=0)
     assert int(result.n_iter) == 0 and result.lower_bounds.shape == (0,)
     assert tree_allclose(result.params, params) and float(result.lower_bound) == -np.inf
+
+
+def test_best_restart_of_one_is_that_restart_without_a_gather():
+    """One restart: it is the best (index 0, even with a non-finite bound, as argmax gives),
+    taken by a static index, so the program gathers nothing (a kernel per field to compile);
+    several: the highest finite bound wins."""
+    def runs(bounds):
+        n = len(bounds)
+        params = {"m": jnp.arange(n * 3.0).reshape(n, 3)}
+        return em.FitResult(params, jnp.asarray(bounds), jnp.zeros((n, 4)), jnp.arange(n),
+                            jnp.zeros(n, bool), jnp.zeros(n, bool))
+    for bound in (-1.5, np.nan):
+        one = runs([bound])
+        best = _loop.best_restart(one)
+        assert int(best.best_index) == 0
+        assert tree_allclose(best.best.params, {"m": jnp.arange(3.0)})
+        batched = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), one)  # fit_batch's
+        for text in (jax.jit(_loop.best_restart).lower(one).as_text(),
+                     jax.jit(jax.vmap(_loop.best_restart)).lower(batched).as_text()):
+            assert "gather" not in text and "dynamic_slice" not in text
+    best = _loop.best_restart(runs([np.nan, -2.0, -3.0]))
+    assert int(best.best_index) == 1
+    assert tree_allclose(best.best.params, {"m": jnp.arange(3.0, 6.0)})
 
 
 @pytest.mark.parametrize("cov_type", ["full", "diag"])
