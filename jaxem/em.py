@@ -15,6 +15,9 @@ The drivers know nothing about Gaussians. A *model* is any hashable object with
     combine_stats(a, b, a_scale, b_scale) -> stats     (optional: a_scale·a + b_scale·b, for
                                                         the streamed and online drivers;
                                                         default: leaf by leaf)
+    n_entries(n_components, n_features) -> int         (optional: parameter entries, by which
+                                                        the compile rules go; default
+                                                        K·(D + 1), see model_entries)
 
 Stopping rule (scikit-learn's): iteration ``i`` runs an E-step at the current parameters,
 records the mean log-likelihood ``ℓ_i`` there, then an M-step; the loop stops once
@@ -113,10 +116,13 @@ SMALL_COMPILE_OPTIONS = {"xla_backend_optimization_level": 1,
 SMALL_COMPILE_MAX_WORK = 2**23
 
 
-def mixture_entries(n_components: int, n_features: int) -> int:
-    """Parameter entries of a K-component mixture over D features, counted as weights,
-    means and two (K, D, D) matrices: the largest covariance layout, so a bound for all."""
-    return n_components * (n_features + 1) + 2 * n_components * n_features**2
+def model_entries(model, n_components: int, n_features: int) -> int:
+    """Parameter entries of a K-component fit over D features, the size the compile rules
+    go by: the model's own count (``model.n_entries(K, D)``, optional in the model contract)
+    or else a weight and a D-vector per component, the least a mixture holds."""
+    if hasattr(model, "n_entries"):
+        return int(model.n_entries(n_components, n_features))
+    return n_components * (n_features + 1)
 
 
 # ... and whose EM loop runs at most this much work (the above × max_iter) in all. Code
@@ -577,7 +583,7 @@ def fit_restarts(
     dtype = inp.x.dtype
     init_kwargs = {k: host_array(v, dtype) for k, v in (init_kwargs or {}).items()}
     n, d = np.shape(inp.x)
-    entries = mixture_entries(n_components, d)
+    entries = model_entries(model, n_components, d)
     init_rows = (blocks.init_rows(d, dtype) if init_rows is None
                  else _validation.check_int(init_rows, "init_rows", n_components))
     init_rows = init_rows if n > init_rows else None
@@ -702,7 +708,8 @@ def fit_batch(
     _validation.check_real(tol, "tol", allow_negative_infinity=True)
     if hasattr(model, "with_batch"):
         model = model.with_batch(n_init, RESTARTS_AXIS)
-    program = _batch_programs.pick(n, mixture_entries(n_components, d), n_init * b, max_iter)
+    program = _batch_programs.pick(n, model_entries(model, n_components, d), n_init * b,
+                                   max_iter)
     result = program(model, jax.device_put(xs), jax.device_put(w), key,
                      host_array(tol, dtype), host_array(max_iter, np.int32), n_init, n_components,
                      init_method, {k: host_array(v, dtype) for k, v in hyper.items()},

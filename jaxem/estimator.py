@@ -127,7 +127,7 @@ COMPONENT_SLOTS = 8
 
 
 def _is_small(slots: int, n_rows: int, n_features: int, n_init: int = 1) -> bool:
-    entries = em.mixture_entries(slots, n_features)
+    entries = gmm.mixture_entries(slots, n_features)
     return not _validation.under_transformation() and em.small_program(n_rows, entries, n_init)
 
 

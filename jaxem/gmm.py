@@ -1165,6 +1165,14 @@ def pad_components(params: GMMParams, n_slots: int) -> GMMParams:
                      params.covariance_type)
 
 
+def mixture_entries(n_components: int, n_features: int) -> int:
+    """Parameter entries of a K-component mixture over D features, counted as weights,
+    means and two (K, D, D) matrices whatever the covariance type: the largest layout, so a
+    bound for all, and the count the drivers' compile rules (:mod:`jaxem.em`) were measured
+    with."""
+    return n_components * (n_features + 1) + 2 * n_components * n_features**2
+
+
 def n_parameters(params: GMMParams):
     """Number of free parameters (for BIC/AIC), as scikit-learn counts them, of the live
     components: an int, or a () int32 array when ``params`` are traced."""
@@ -1412,6 +1420,11 @@ class GaussianMixtureModel:
     def default_hyper(self) -> dict:
         """Default M-step hyperparameters (the drivers fill these in)."""
         return {"reg_covar": 1e-6}
+
+    def n_entries(self, n_components: int, n_features: int) -> int:
+        """Parameter entries of a fit of this size, for the drivers' compile rules
+        (:func:`mixture_entries`)."""
+        return mixture_entries(n_components, n_features)
 
     def check_hyper(self, reg_covar=1e-6, **unknown):
         """Eager check of the M-step hyperparameters (called by the drivers)."""

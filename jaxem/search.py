@@ -37,6 +37,7 @@ from jaxem.gmm import (
     AnyCovarianceModel,
     GaussianMixtureModel,
     initial_labels,
+    mixture_entries,
     typed_params,
 )
 from jaxem.kmeans import kmeans_plusplus, nearest_center, seeding_trials
@@ -64,7 +65,7 @@ SEARCH_RESTART_ROWS = 2**16
 MAX_SEARCH_N_INIT, MIN_SEARCH_N_INIT = 64, 4
 
 
-# Up to this many rows × mixture entries (em.mixture_entries: full layout) × members, the
+# Up to this many rows × mixture entries (gmm.mixture_entries: full layout) × members, the
 # covariance types share one program (gmm.AnyCovarianceModel). Its E-step costs what full's
 # does for every type; at this size 100 iterations of one type take ~1 s here, about what
 # compiling a program per type costs. (Old Faithful, K = 1..5, 64 restarts: 5.1e6.)
@@ -388,7 +389,7 @@ def select(
     screen_keep = screen[1] if screen and screen[1] < n_init * len(methods) else None
     # Small programs compile quickly (em.compile_variant: -O0 unless their EM loop runs
     # long; the seeding has no EM loop).
-    entries = em.mixture_entries(k_max, x.shape[1])
+    entries = mixture_entries(k_max, x.shape[1])
     # A small search runs every type through one program, the covariance type as data
     # (gmm.AnyCovarianceModel): compiling a program per type was most of its time (Old
     # Faithful, K = 1..5 × 4 types: 4 programs 4.3 s of a 6.5 s cold search). Larger ones

@@ -170,8 +170,8 @@ def test_a_large_fit_compiles_its_initialisation_apart_with_the_same_result(monk
     the precisions' fourth digit after 20 iterations."""
     monkeypatch.delenv(em.QUICK_COMPILE_ENV, raising=False)
     n, d, k = 12_000, 8, 8  # work 1.3e7 > SMALL_COMPILE_MAX_WORK: the default options
-    assert em.separate_initialisation(n, em.mixture_entries(k, d), 2, 20)
-    assert not em.separate_initialisation(256, em.mixture_entries(3, 2), 2, 20)  # small
+    assert em.separate_initialisation(n, gmm.mixture_entries(k, d), 2, 20)
+    assert not em.separate_initialisation(256, gmm.mixture_entries(3, 2), 2, 20)  # small
     assert not jax.jit(lambda v: v + em.separate_initialisation(n, 10**4))(0)  # traced
     x = make_blobs(rng, n_per=n // 4, k=4, d=d)
     model = gmm.GaussianMixtureModel("full")
@@ -191,7 +191,7 @@ def test_a_large_fit_compiles_its_initialisation_apart_with_the_same_result(monk
     assert [(p.small._cache_size(), p.default._cache_size())
             for p in (em._initial_programs, em._restarts_loop_programs)] == after
     monkeypatch.setenv(em.QUICK_COMPILE_ENV, "0")  # one program, the default options
-    assert not em.separate_initialisation(n, em.mixture_entries(k, d), 2, 20)
+    assert not em.separate_initialisation(n, gmm.mixture_entries(k, d), 2, 20)
     together = fit(0)
     np.testing.assert_array_equal(apart.restarts.n_iter, together.restarts.n_iter)
     assert int(apart.best_index) == int(together.best_index)
@@ -387,6 +387,41 @@ def test_generic_driver_fits_a_poisson_mixture(x64, rng):
     np.testing.assert_allclose(np.exp(np.asarray(log_w))[order], [0.6, 0.4], atol=0.05)
     hist = np.asarray(res.best.lower_bounds)[: int(res.best.n_iter)]
     assert np.all(np.diff(hist) >= -1e-12 * np.abs(hist[1:]))
+
+
+
+@dataclasses.dataclass(frozen=True)
+class LargePoissonMixture(PoissonMixture):
+    """The same model, reporting a parameter count as large as a big Gaussian fit's."""
+
+    def n_entries(self, n_components, n_features):
+        return 10**6
+
+
+def test_drivers_size_programs_by_the_models_own_parameter_count(monkeypatch, rng):
+    """The compile rules go by the model's ``n_entries`` (the Gaussian count lives in the
+    Gaussian model): a model without one counts a weight and a mean per component, and one
+    reporting a large count is compiled as a large fit is (the initialisation apart)."""
+    monkeypatch.delenv(em.QUICK_COMPILE_ENV, raising=False)
+    assert em.model_entries(PoissonMixture(), 3, 4) == 3 * 5
+    assert em.model_entries(LargePoissonMixture(), 3, 4) == 10**6
+    assert (em.model_entries(gmm.GaussianMixtureModel("diag"), 3, 4)
+            == gmm.mixture_entries(3, 4) == 3 * 5 + 2 * 3 * 16)
+    x = rng.poisson(3.0, size=(400, 2)).astype(np.float32)
+
+    def initial_programs():
+        return em._initial_programs.cache_size()
+
+    before = initial_programs()
+    small = jaxem.fit_restarts(PoissonMixture(), x, jax.random.PRNGKey(0), n_components=2,
+                               n_init=2, max_iter=5)
+    assert initial_programs() == before  # one small program: initialisation and loop
+    large = jaxem.fit_restarts(LargePoissonMixture(), x, jax.random.PRNGKey(0), n_components=2,
+                               n_init=2, max_iter=5)
+    assert initial_programs() == before + 1  # the initialisation compiled apart
+    np.testing.assert_array_equal(small.restarts.n_iter, large.restarts.n_iter)
+    np.testing.assert_allclose(np.asarray(small.restarts.lower_bound),
+                               np.asarray(large.restarts.lower_bound), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- data parallel over devices

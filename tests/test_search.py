@@ -284,7 +284,7 @@ def test_several_init_methods_run_in_one_search_and_keep_the_best(x64, rng):
 
 
 def test_quick_compile_is_on_for_small_top_level_programs_unless_turned_off(monkeypatch):
-    small, big = em.mixture_entries(3, 2), em.mixture_entries(64, 64)
+    small, big = gmm.mixture_entries(3, 2), gmm.mixture_entries(64, 64)
     monkeypatch.delenv(em.QUICK_COMPILE_ENV, raising=False)
     assert em.small_program(256, small) and em.quick_compile(256, small)
     assert not em.quick_compile(10**5, big)
