@@ -45,8 +45,10 @@ def log_marginal(log_joint: jax.Array) -> jax.Array:
 
 
 def posterior(log_joint: jax.Array) -> jax.Array:
-    """(N, K) log posterior ``log p(z_n = k | x_n)`` (each row normalised by logsumexp)."""
-    return log_joint - jax.nn.logsumexp(log_joint, axis=1, keepdims=True)
+    """(N, K) log posterior ``log p(z_n = k | x_n)``, each row normalised relative to its
+    largest entry (``log_softmax``): exact in the differences where ``log_joint −
+    logsumexp`` would round them to the resolution of a large ``log p(x_n)``."""
+    return jax.nn.log_softmax(log_joint, axis=1)
 
 
 def entropy(log_q: jax.Array) -> jax.Array:

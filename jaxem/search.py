@@ -254,8 +254,13 @@ def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max,
     def evaluate(params):  # one member at a time, in blocks of rows: no (N, K) array
         def block(xs, ws):
             lj = model.log_joint(params, xs)
-            log_norm = jax.nn.logsumexp(lj, axis=1)  # log p(x_n)
-            hard = jnp.max(lj, axis=1) - log_norm  # log r at the hard assignment
+            top = jnp.max(lj, axis=1)
+            # log Σ_k exp(lj − max): log p(x_n) = max + rel, and the hard assignment's log r
+            # is −rel, exact where max − log p(x_n) rounds to |log p(x_n)|'s resolution.
+            rel = jnp.log(jnp.sum(jnp.exp(lj - jnp.where(jnp.isfinite(top), top, 0.0)[:, None]),
+                                  axis=1))
+            log_norm = jnp.where(jnp.isfinite(top), top, 0.0) + rel  # log p(x_n)
+            hard = -rel  # log r at the hard assignment
             return (jnp.sum(ws * jnp.where(ws > 0, log_norm, 0.0)),
                     jnp.sum(ws * jnp.where(ws > 0, hard, 0.0)))
         w = jnp.ones(x.shape[0], x.dtype) if weights is None else weights

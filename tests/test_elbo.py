@@ -46,6 +46,22 @@ def test_at_posterior_kl_is_zero_and_elbo_is_log_marginal(x64, rng):
     np.testing.assert_allclose(elbo.elbo(lj, post), elbo.log_marginal(lj), rtol=1e-12)
 
 
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), offset=st.floats(1e5, 1e8))
+def test_posterior_is_normalised_however_large_the_log_joint(seed, offset):
+    """float32 log-joints ~ −offset with O(1) differences: the posterior is normalised
+    relative to each row's largest entry, so it sums to one and equals the float64 softmax
+    of the same float32 values (``lj − logsumexp(lj)`` rounds to ulp(offset), up to 8)."""
+    rng = np.random.default_rng(seed)
+    lj = np.asarray(rng.normal(size=(20, 4)) * 2 - offset, np.float32)
+    post = np.exp(np.asarray(elbo.posterior(jnp.asarray(lj)), np.float64))
+    lj64 = lj.astype(np.float64)
+    oracle = np.exp(lj64 - np.logaddexp.reduce(lj64, axis=1, keepdims=True))
+    np.testing.assert_allclose(post.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(post, oracle, atol=1e-5)
+
+
 def test_hard_q_with_zeros_is_finite(x64, rng):
     # q with exact zeros (log q = -inf): 0·log 0 = 0, nothing becomes NaN.
     lj = jnp.asarray(rng.normal(size=(10, 3)))

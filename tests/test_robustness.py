@@ -100,6 +100,27 @@ def test_far_points_get_the_nearest_components_responsibility(fitted2d):
         gm.predict([[1e300, 1e300]])
 
 
+
+def test_responsibilities_sum_to_one_where_the_log_density_is_coarse():
+    """Between two tight components, |log p(x)| ~ 1e7, where float32 resolves it only to
+    ~1: the responsibilities are taken relative to each row's largest log-joint
+    (``log_softmax``), so every row still sums to one and matches the softmax of its own
+    log-joint (``lj − log p(x)`` summed to up to 1.135 here)."""
+    x = np.repeat([[0.0], [9.0]], 50, axis=0)
+    gm = GaussianMixture(2, covariance_type="spherical", random_state=0).fit(x)
+    assert np.asarray(gm.covariances_).max() < 2e-6  # the regularisation alone
+    mid = np.float32(4.5)
+    q = (mid + np.arange(-24, 25, dtype=np.float32) * np.spacing(mid))[:, None]
+    lj, log_px, log_r = gm._densities(q)
+    assert np.abs(log_px).min() > 1e6  # coarse: ulp(log p) >= 0.125
+    proba = gm.predict_proba(q)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+    lj64 = lj.astype(np.float64)
+    oracle = np.exp(lj64 - np.logaddexp.reduce(lj64, axis=1, keepdims=True))
+    np.testing.assert_allclose(proba, oracle, atol=1e-6)
+    assert np.any((oracle.min(axis=1) > 0.01))  # some rows are genuinely shared
+
+
 # --------------------------------------------------------------------- 4. byte-order marks
 @pytest.mark.parametrize("header", [False, True])
 def test_a_csv_with_a_byte_order_mark_keeps_every_row_and_its_names(tmp_path, header):
