@@ -118,7 +118,7 @@ def test_responsibilities_sum_to_one_where_the_log_density_is_coarse():
     lj64 = lj.astype(np.float64)
     oracle = np.exp(lj64 - np.logaddexp.reduce(lj64, axis=1, keepdims=True))
     np.testing.assert_allclose(proba, oracle, atol=1e-6)
-    assert np.any((oracle.min(axis=1) > 0.01))  # some rows are genuinely shared
+    assert np.any(oracle.min(axis=1) > 0.01)  # some rows are genuinely shared
 
 
 # --------------------------------------------------------------------- 4. byte-order marks
