@@ -112,6 +112,24 @@ def _feature_names(X) -> np.ndarray | None:
 
 PrecisionWarning = _validation.PrecisionWarning
 
+# A step down of the log-likelihood larger than this fraction of its size (and than tol) is
+# more than the rounding of a mean over samples: EM itself never decreases it.
+DROP_RTOL = 1e-5
+
+
+def log_likelihood_drop(history: np.ndarray, tol) -> tuple[float, int] | None:
+    """``(size, iteration)`` of the largest decrease of a fit's log-likelihood history
+    (iterations counted from 1) where it exceeds both ``tol`` and :data:`DROP_RTOL` of the
+    history's largest magnitude; None where there is none."""
+    history = np.asarray(history, np.float64)
+    history = history[np.isfinite(history)]
+    if history.size < 2:
+        return None
+    steps = np.diff(history)
+    i = int(np.argmin(steps))
+    bound = max(float(tol), DROP_RTOL * float(np.max(np.abs(history))))
+    return (float(-steps[i]), i + 2) if -steps[i] > bound else None
+
 
 def _precision_of(params_or_dtype):
     """A context in which JAX computes in the precision of ``params`` (or of a dtype): x64
@@ -592,6 +610,17 @@ class GaussianMixture(*_BASES):
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",
                 ConvergenceWarning,
+                stacklevel=stacklevel,
+            )
+        drop = log_likelihood_drop(self.lower_bounds_, self.tol)
+        if drop is not None:
+            size, iteration = drop
+            warnings.warn(
+                f"the log-likelihood decreased by {size:.2g} at iteration {iteration}, which "
+                "EM never does in exact arithmetic: rounding dominates this fit (in float32, "
+                "e.g. a component collapsed onto a sample of data far from the origin), and "
+                f"its stopping rule cannot be trusted. Centre the data, or {_validation.X64_HINT}",
+                PrecisionWarning,
                 stacklevel=stacklevel,
             )
 

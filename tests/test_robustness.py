@@ -121,6 +121,52 @@ def test_responsibilities_sum_to_one_where_the_log_density_is_coarse():
     assert np.any(oracle.min(axis=1) > 0.01)  # some rows are genuinely shared
 
 
+
+@settings(max_examples=60, deadline=None)
+@given(start=st.floats(-1e6, 1e6), steps=st.lists(st.floats(0.0, 1.0), min_size=1,
+                                                  max_size=30),
+       tol=st.sampled_from([0.0, 1e-6, 1e-3]), where=st.integers(0, 29),
+       drop=st.floats(1.5, 100.0))
+def test_a_decreasing_log_likelihood_is_found_beyond_rounding(start, steps, tol, where, drop):
+    """``log_likelihood_drop``: nothing in a history that never decreases (rounding-sized
+    dips included), and a decrease beyond both ``tol`` and DROP_RTOL of the history's size
+    found at its iteration (counted from 1)."""
+    from jaxem.estimator import DROP_RTOL, log_likelihood_drop
+
+    rng = np.random.default_rng(len(steps))
+    history = start + np.cumsum(np.asarray(steps) * max(1.0, abs(start)) * 1e-3)
+    dips = rng.uniform(0, 0.1, len(history)) * DROP_RTOL * np.max(np.abs(history))
+    assert log_likelihood_drop(history - dips * (len(history) > 1), tol) is None
+    if len(history) < 2:
+        return
+    j = 1 + where % (len(history) - 1)  # the step into entry j goes down
+    bound = max(tol, DROP_RTOL * np.max(np.abs(history)))
+    dropped = history.copy()
+    dropped[j:] -= (history[j] - history[j - 1]) + drop * bound
+    found = log_likelihood_drop(dropped, tol)
+    assert found is not None and found[1] == j + 1
+    assert found[0] == pytest.approx(drop * bound, rel=1e-3, abs=1e-6 * bound)
+
+
+def test_a_fit_whose_log_likelihood_decreased_warns_of_its_precision():
+    """Seen by fuzzing: float32 data at 1e4 with unit spread, a component collapsed onto one
+    sample (variance reg_covar, σ = 1e-3 = the data's resolution) — the log-likelihood went
+    −0.9508 → −0.9544 and the fit stopped by a rule it cannot keep. The estimator says so."""
+    gm = GaussianMixture(2)
+    history = np.full(128, np.nan, np.float32)
+    history[:5] = [-0.976, -0.958, -0.9508, -0.9544, -0.9540]
+    params = gmm.make_params(np.array([0.5, 0.5]), np.array([[0.0], [1.0]]),
+                             np.array([[[1.0]], [[1.0]]]), "full")
+    fit = jaxem.FitResult(params, np.float32(-0.9540), history, np.int32(5), np.bool_(True),
+                          np.bool_(False))
+    with pytest.warns(PrecisionWarning, match=r"decreased by 0.0036 at iteration 4"):
+        gm._set_fitted(fit, 1)
+    history[3:5] = [-0.95085, -0.9508]  # a dip within tol (1e-3): no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm._set_fitted(fit._replace(lower_bounds=history), 1)
+
+
 # --------------------------------------------------------------------- 4. byte-order marks
 @pytest.mark.parametrize("header", [False, True])
 def test_a_csv_with_a_byte_order_mark_keeps_every_row_and_its_names(tmp_path, header):
