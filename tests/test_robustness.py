@@ -495,3 +495,29 @@ def test_fuzz_estimator_arguments(n_components, covariance_type, tol, reg_covar,
     for attr in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
         assert np.all(np.isfinite(getattr(gm, attr))), attr
     assert np.all(np.isfinite(gm.predict_proba(x)))
+
+
+@FUZZ
+@given(covariance_type=st.sampled_from(["full", "tied", "diag", "spherical"]),
+       n_components=st.integers(1, 4), offset=st.sampled_from([0.0, 1e4]),
+       spread=st.sampled_from([1e-3, 1.0, 1e3]), seed=st.integers(0, 2**16),
+       query_scale=st.sampled_from([1.0, 1e2, 1e4, 1e8]))
+def test_fuzz_fitted_models_answer_any_query(covariance_type, n_components, offset, spread,
+                                             seed, query_scale):
+    """Any fitted model, any query (near, far, very far): responsibilities finite and
+    summing to one (the fuzzing finding: 1.135 where log p(x) ~ −1e6), labels in range,
+    log-densities finite or one clear error for points beyond float64."""
+    rng = np.random.default_rng(seed)
+    x = (offset + spread * make_blobs(rng, n_per=12, k=3, d=2)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", PrecisionWarning)
+        gm = GaussianMixture(n_components, covariance_type=covariance_type,
+                             random_state=seed).fit(x)
+    q = (offset + spread * query_scale * rng.normal(size=(16, 2))).astype(np.float32)
+    proba = gm.predict_proba(q)
+    assert np.all(np.isfinite(proba)) and np.all(proba >= 0)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    labels = gm.predict(q)
+    assert labels.min() >= 0 and labels.max() < n_components
+    assert np.all(np.isfinite(gm.score_samples(q)))
