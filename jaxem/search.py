@@ -255,11 +255,11 @@ def _search_program(model, x, weights, key, n_live, tol, max_iter, hyper, k_max,
         def block(xs, ws):
             lj = model.log_joint(params, xs)
             top = jnp.max(lj, axis=1)
+            top = jnp.where(jnp.isfinite(top), top, 0.0)
             # log Σ_k exp(lj − max): log p(x_n) = max + rel, and the hard assignment's log r
             # is −rel, exact where max − log p(x_n) rounds to |log p(x_n)|'s resolution.
-            rel = jnp.log(jnp.sum(jnp.exp(lj - jnp.where(jnp.isfinite(top), top, 0.0)[:, None]),
-                                  axis=1))
-            log_norm = jnp.where(jnp.isfinite(top), top, 0.0) + rel  # log p(x_n)
+            rel = jnp.log(jnp.sum(jnp.exp(lj - top[:, None]), axis=1))
+            log_norm = top + rel  # log p(x_n)
             hard = -rel  # log r at the hard assignment
             return (jnp.sum(ws * jnp.where(ws > 0, log_norm, 0.0)),
                     jnp.sum(ws * jnp.where(ws > 0, hard, 0.0)))
