@@ -442,21 +442,44 @@ class StoredProgram:
         key = self._key(bound.arguments, dynamic)
         if key is None:
             return self.jitted(*args, **kwargs)
-        compiled = self._loaded.get(key) or self._load(store, key)
+        compiled = self._loaded.get(key)
+        from_disk = compiled is None and key not in _unstorable
+        if from_disk:
+            compiled = self._load(store, key)
         if compiled is None:
-            # Compiled afresh, not taken from JAX's cache: XLA:CPU cannot serialise again
-            # an executable it has loaded from there (the copy runs, then fails to find
-            # its kernels: "Function … not found").
-            previous = jax.config.jax_enable_compilation_cache
-            jax.config.update("jax_enable_compilation_cache", False)
-            try:
-                compiled = self.jitted.lower(**bound.arguments).compile()
-            finally:
-                jax.config.update("jax_enable_compilation_cache", previous)
-            self._save(store, key, compiled)
+            compiled = self._compile(bound.arguments)
+            if key not in _unstorable:
+                self._save(store, key, compiled)
+            from_disk = False
         self._loaded[key] = compiled
         _loaded_programs.add(self)
-        return compiled(**dynamic)
+        if not from_disk:
+            return compiled(**dynamic)
+        try:
+            return compiled(**dynamic)
+        except jax.errors.JaxRuntimeError as error:
+            # A stored executable that lacks some of its kernels ("Function … not found"):
+            # XLA:CPU can serialise an executable without kernels it shares with others
+            # compiled earlier in the process that stored it (seen by fuzzing: a long
+            # session's stored programs failed in the next process). Dropped, compiled
+            # afresh, and not stored again from this process.
+            if "not found" not in str(error):
+                raise
+            (store / key).unlink(missing_ok=True)
+            _unstorable.add(key)
+            compiled = self._loaded[key] = self._compile(bound.arguments)
+            return compiled(**dynamic)
+
+    def _compile(self, arguments: dict):
+        # Compiled afresh, not taken from JAX's cache: XLA:CPU cannot serialise again an
+        # executable it has loaded from there (the copy runs, then fails to find its
+        # kernels: "Function … not found").
+        previous = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+        try:
+            return self.jitted.lower(**arguments).compile()
+        finally:
+            jax.config.update("jax_enable_compilation_cache", previous)
 
     def _key(self, arguments: dict, dynamic: dict) -> str | None:
         parts = [self._name]
@@ -524,6 +547,8 @@ class StoredProgram:
 
 
 _loaded_programs: set = set()
+# Keys whose stored executable could not run in this process (see StoredProgram.__call__).
+_unstorable: set = set()
 
 
 def _lapack_ready() -> bool:

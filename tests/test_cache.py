@@ -287,6 +287,52 @@ def test_storing_a_program_trims_the_store_and_loading_one_renews_it(tmp_path, m
     assert stored[0].stat().st_mtime > 1e9
 
 
+
+def test_a_stored_program_missing_its_kernels_is_compiled_again_and_not_stored(tmp_path,
+                                                                                monkeypatch):
+    """Seen by fuzzing: XLA:CPU can serialise an executable without kernels it shares with
+    programs compiled earlier in the storing process; in the next process the loaded copy
+    fails to run ("Function … not found"). The call then compiles afresh and answers, the
+    file is dropped, and this process does not store that program again (it would store
+    the same incomplete copy). Any other runtime error still raises."""
+    store = tmp_path / "programs"
+    store.mkdir()
+    monkeypatch.setitem(_cache._state, "store", store)
+    monkeypatch.setattr(_cache, "_unstorable", set())
+    program = _cache.StoredProgram(lambda a: a * 3, ())
+    assert float(program(np.float32(2.0))) == 6.0
+    (stored,) = store.iterdir()
+
+    class Broken:
+        def __init__(self, message):
+            self.message = message
+
+        def __call__(self, *args, **kwargs):
+            raise jax.errors.JaxRuntimeError(self.message)
+
+    missing = "INTERNAL: Error dispatching computation: Function iota.33_kernel not found"
+    loads = []
+
+    def load(self, store, key, message=missing):
+        loads.append(key)
+        return Broken(message)
+
+    monkeypatch.setattr(_cache.StoredProgram, "_load", load)
+    saves = []
+    monkeypatch.setattr(_cache.StoredProgram, "_save", lambda *a: saves.append(a))
+    again = _cache.StoredProgram(lambda a: a * 3, ())  # the next process's copy
+    assert float(again(np.float32(2.0))) == 6.0
+    assert not stored.exists() and len(_cache._unstorable) == 1 and not saves
+    assert float(again(np.float32(5.0))) == 15.0 and len(loads) == 1  # kept compiled
+    third = _cache.StoredProgram(lambda a: a * 3, ())
+    assert float(third(np.float32(1.0))) == 3.0 and len(loads) == 1 and not saves
+    monkeypatch.setattr(_cache.StoredProgram, "_load", lambda self, store, key: load(
+        self, store, key, message="INTERNAL: something else went wrong"))
+    fourth = _cache.StoredProgram(lambda a: a * 3, ())
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        fourth(np.ones(2, np.float32))  # another shape: another key, loaded from the store
+
+
 def test_turning_the_cache_on_trims_its_folders(tmp_path):
     """A process that turns the cache on first trims both folders to the cap (here 1 MB),
     the oldest files first."""
