@@ -128,10 +128,16 @@ def _tree_vdot(a, b):
                                               jax.tree_util.tree_leaves(b), strict=True))
 
 
-def _leaf_scale(a):
-    """A parameter leaf's root mean square (1 where it is zero or not finite): its units."""
-    rms = jnp.sqrt(jnp.mean(jnp.square(a)))
-    return jnp.where(jnp.isfinite(rms) & (rms > 0), rms, jnp.ones_like(rms))
+def _parameter_units(model, theta):
+    """Per-leaf units of the parameters for the adjoint solve: the model's own
+    (``model.param_scale(params)``, a pytree like ``params``: optional in the model
+    contract), else 1 for every leaf. Non-finite or non-positive units count as 1."""
+    if hasattr(model, "param_scale"):
+        units = model.param_scale(theta)
+    else:
+        units = jax.tree_util.tree_map(lambda a: jnp.ones((), a.dtype), theta)
+    return jax.tree_util.tree_map(
+        lambda u: jnp.where(jnp.isfinite(u) & (u > 0), u, jnp.ones_like(u)), units)
 
 
 def _report(fp_err, fp_tol, adj_err, adj_tol, failed):
@@ -178,12 +184,14 @@ def _implicit_bwd(model, max_iter, adjoint_max_iter, residuals, cotangents):
     adjoint_tol, fixed_point_tol = tols
     g = cotangents[0]  # the run's other outputs are returned without gradient
     t_theta, pullback = jax.vjp(functools.partial(_fixed_point_map, model), theta, x, w, hyper)
-    # The system is solved with each parameter leaf in units of its own size (θ = S θ̃, S
-    # the leaf's root mean square): (I − S ∂Tᵀ S⁻¹) ṽ = S g, v = S⁻¹ ṽ. In the parameters'
-    # own units the operator's rounding is set by the largest of them: with data at 1e6
-    # (covariances ~1e12) a float32 pullback of the exact solution had residual 2e-2 of
-    # ‖g‖ in the weights, and a correct gradient became NaN.
-    scale = jax.tree_util.tree_map(_leaf_scale, theta)
+    # The system is solved with the parameters in the model's units (θ = S θ̃, S per leaf:
+    # model.param_scale; the GMM's are σ, σ², 1/σ from its covariances): (I − S ∂Tᵀ S⁻¹)
+    # ṽ = S g, v = S⁻¹ ṽ, the right-hand side made of unit norm. In raw units the
+    # operator's rounding is set by the largest leaf: with data at 1e6 (covariances ~1e12) a
+    # float32 pullback of the exact solution had residual 2e-2 of ‖g‖ in the weights, and a
+    # correct gradient became NaN. (And JAX's GMRES treats a vector of norm below eps as
+    # zero: a right-hand side of norm 1e-8 came back as v = 0.)
+    scale = _parameter_units(model, theta)
     mul = functools.partial(jax.tree_util.tree_map, jnp.multiply)
     div = functools.partial(jax.tree_util.tree_map, jnp.divide)
 
@@ -191,6 +199,9 @@ def _implicit_bwd(model, max_iter, adjoint_max_iter, residuals, cotangents):
         return jax.tree_util.tree_map(jnp.subtract, v, mul(scale, pullback(div(v, scale))[0]))
 
     rhs = mul(scale, g)
+    rhs_norm = jnp.sqrt(_tree_vdot(rhs, rhs))
+    rhs_norm = jnp.where(jnp.isfinite(rhs_norm) & (rhs_norm > 0), rhs_norm, 1.0)
+    rhs = jax.tree_util.tree_map(lambda a: a / rhs_norm, rhs)
     restart = min(adjoint_max_iter, 20)
     # GMRES's own residual estimate can be optimistic in float32: aim a little lower.
     v, _ = jax.scipy.sparse.linalg.gmres(
@@ -202,7 +213,7 @@ def _implicit_bwd(model, max_iter, adjoint_max_iter, residuals, cotangents):
     g_norm = jnp.sqrt(_tree_vdot(rhs, rhs))
     adj_err = jnp.where(g_norm > 0, jnp.sqrt(_tree_vdot(r, r)) / jnp.where(g_norm > 0, g_norm, 1),
                         0.0)
-    v = div(v, scale)
+    v = jax.tree_util.tree_map(lambda a: a * rhs_norm, div(v, scale))
     fp_err = em.relative_change(t_theta, theta)
     jax.debug.callback(_report, fp_err, fixed_point_tol, adj_err, adjoint_tol, failed)
     _, gx, gw, ghyper = pullback(v)
@@ -265,8 +276,8 @@ def fit_implicit(
         warns.
       max_iter: the fit's iteration cap (static).
       adjoint_tol: relative residual the adjoint solve must reach (traced), measured with
-        each parameter leaf in units of its own root mean square. Default: √eps of the
-        dtype (3e-4 in float32, 1.5e-8 in float64).
+        the parameters in the model's units (``model.param_scale``; for the GMM σ, σ²,
+        1/σ). Default: √eps of the dtype (3e-4 in float32, 1.5e-8 in float64).
       adjoint_max_iter: cap on vector-Jacobian products in the adjoint solve (static).
       fixed_point_tol: largest relative fixed-point residual ``max|T(θ) − θ| / max|θ|``
         accepted without a warning (traced); the forward fit stops at half of it (see

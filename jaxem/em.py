@@ -18,6 +18,9 @@ The drivers know nothing about Gaussians. A *model* is any hashable object with
     n_entries(n_components, n_features) -> int         (optional: parameter entries, by which
                                                         the compile rules go; default
                                                         K·(D + 1), see model_entries)
+    param_scale(params) -> params-like pytree          (optional: the parameters' units, for
+                                                        fit_implicit's adjoint solve;
+                                                        default: 1)
 
 Stopping rule (scikit-learn's): iteration ``i`` runs an E-step at the current parameters,
 records the mean log-likelihood ``ℓ_i`` there, then an M-step; the loop stops once

@@ -1421,6 +1421,24 @@ class GaussianMixtureModel:
         """Default M-step hyperparameters (the drivers fill these in)."""
         return {"reg_covar": 1e-6}
 
+    def param_scale(self, params: GMMParams) -> GMMParams:
+        """The parameters' units, for the implicit gradient's adjoint solve: σ for the
+        means, σ² for the covariances, 1/σ for the precision factors and 1 for the weights,
+        with σ² the mean variance of the live components (a scale of the data's own,
+        where the means' magnitude is not: a mixture centred at 0 has means ~0)."""
+        cov = params.covariances
+        if params.covariance_type in ("full", "tied"):
+            cov = jnp.diagonal(cov, axis1=-2, axis2=-1)
+        if params.covariance_type != "tied":
+            live = (params.weights > 0).astype(cov.dtype)
+            per_component = cov if cov.ndim == 1 else jnp.mean(cov, axis=-1)
+            var = jnp.sum(live * per_component) / jnp.maximum(jnp.sum(live), 1.0)
+        else:
+            var = jnp.mean(cov)
+        sigma = jnp.sqrt(var)
+        one = jnp.ones((), var.dtype)
+        return GMMParams(one, sigma, var, 1.0 / sigma, params.covariance_type)
+
     def n_entries(self, n_components: int, n_features: int) -> int:
         """Parameter entries of a fit of this size, for the drivers' compile rules
         (:func:`mixture_entries`)."""

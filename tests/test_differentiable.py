@@ -200,22 +200,24 @@ def test_float32_implicit_gradient_does_not_depend_on_the_datas_units(cov_type, 
     solved with each parameter leaf in its own units; in the parameters' units its check
     failed at 1e3 or 1e6 in 4 of these 8 cases (float32 rounding of the pullback alone
     was up to 2e-2 of the right-hand side, and more where covariances are ~1e12) and a
-    correct gradient came back NaN with a warning."""
+    correct gradient came back NaN with a warning; at 1e-9 the scaled right-hand side is
+    below eps in norm, which JAX's GMRES takes for zero unless it is normalised."""
     k = 2
     rng = np.random.default_rng(seed)
     base = make_blobs(rng, n_per=40, k=k, d=2, sep=8.0).astype(np.float32)
     model = gmm.GaussianMixtureModel(cov_type)
     grads = {}
-    for scale in (1.0, 1e3, 1e6):
+    for scale in (1.0, 1e-9, 1e3, 1e6):
         x = jnp.asarray(base * np.float32(scale))
-        p0 = gmm.init(jax.random.PRNGKey(0), x, k, cov_type, method="kmeans")
-        # reg_covar in the data's units, so that the two fits are the same fit rescaled
+        # reg_covar in the data's units, so that the fits are the same fit rescaled
+        p0 = gmm.init(jax.random.PRNGKey(0), x, k, cov_type, method="kmeans",
+                      reg_covar=1e-6 * scale**2)
         loss = lambda x, p0=p0, scale=scale: jnp.sum(  # noqa: E731
             jaxem.fit_implicit(model, x, p0, reg_covar=1e-6 * scale**2).params.means)
         g, caught = _grad_with_warnings(loss, x)
         assert not caught, (scale, [str(c.message) for c in caught])
         grads[scale] = np.asarray(g)
-    for scale in (1e3, 1e6):
+    for scale in (1e-9, 1e3, 1e6):
         assert np.all(np.isfinite(grads[scale]))
         np.testing.assert_allclose(grads[scale], grads[1.0],
                                    atol=2e-3 * np.abs(grads[1.0]).max())
@@ -362,3 +364,27 @@ def test_bad_input_is_rejected_eagerly(rng, call, error, match):
     x, _, p0, _ = _problem(rng, "full", n_per=5)
     with pytest.raises(error, match=match):
         call(gmm.GaussianMixtureModel("full"), x.astype(jnp.float32), p0)
+
+
+@pytest.mark.parametrize("cov_type", COV_TYPES)
+def test_the_models_parameter_units_follow_the_data(cov_type):
+    """``GaussianMixtureModel.param_scale``: 1 for the weights, σ for the means, σ² for the
+    covariances, 1/σ for the precision factors, σ² the live components' mean variance — so
+    data scaled by c scale the units by c, c², 1/c whatever the means' magnitude."""
+    rng = np.random.default_rng(0)
+    x = make_blobs(rng, n_per=30, k=3, d=2, sep=5.0)
+    model = gmm.GaussianMixtureModel(cov_type)
+    params = gmm.pad_components(gmm.init(jax.random.PRNGKey(0), x, 3, cov_type), 5)
+    units = model.param_scale(params)
+    assert jax.tree_util.tree_structure(units) == jax.tree_util.tree_structure(params)
+    full = jaxem._linalg.full_covariance_matrices(params.covariances, cov_type, 5, 2)
+    live = np.asarray(params.weights) > 0
+    var = np.mean(np.diagonal(np.asarray(full), axis1=1, axis2=2)[live])
+    assert float(units.weights) == 1.0
+    np.testing.assert_allclose(float(units.covariances), var, rtol=1e-5)
+    np.testing.assert_allclose(float(units.means), np.sqrt(var), rtol=1e-5)
+    np.testing.assert_allclose(float(units.precisions_cholesky), 1 / np.sqrt(var), rtol=1e-5)
+    scaled = gmm.pad_components(gmm.init(jax.random.PRNGKey(0), x * 1e3 - 7e3, 3, cov_type,
+                                         reg_covar=1e-6 * 1e6), 5)
+    np.testing.assert_allclose(float(model.param_scale(scaled).means),
+                               1e3 * float(units.means), rtol=1e-3)
