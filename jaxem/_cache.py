@@ -453,8 +453,6 @@ class StoredProgram:
             from_disk = False
         self._loaded[key] = compiled
         _loaded_programs.add(self)
-        if not from_disk:
-            return compiled(**dynamic)
         try:
             return compiled(**dynamic)
         except jax.errors.JaxRuntimeError as error:
@@ -463,7 +461,7 @@ class StoredProgram:
             # compiled earlier in the process that stored it (seen by fuzzing: a long
             # session's stored programs failed in the next process). Dropped, compiled
             # afresh, and not stored again from this process.
-            if "not found" not in str(error):
+            if not from_disk or "not found" not in str(error):
                 raise
             (store / key).unlink(missing_ok=True)
             _unstorable.add(key)
