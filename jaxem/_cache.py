@@ -453,15 +453,19 @@ class StoredProgram:
             from_disk = False
         self._loaded[key] = compiled
         _loaded_programs.add(self)
-        try:
+        if not from_disk:
             return compiled(**dynamic)
+        try:
+            # Its first run waits for the result: XLA reports a failed dispatch on the
+            # outputs, later, where the caller first reads them.
+            return jax.block_until_ready(compiled(**dynamic))
         except jax.errors.JaxRuntimeError as error:
             # A stored executable that lacks some of its kernels ("Function … not found"):
             # XLA:CPU can serialise an executable without kernels it shares with others
             # compiled earlier in the process that stored it (seen by fuzzing: a long
             # session's stored programs failed in the next process). Dropped, compiled
             # afresh, and not stored again from this process.
-            if not from_disk or "not found" not in str(error):
+            if "not found" not in str(error):
                 raise
             (store / key).unlink(missing_ok=True)
             _unstorable.add(key)

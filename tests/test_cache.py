@@ -292,9 +292,10 @@ def test_a_stored_program_missing_its_kernels_is_compiled_again_and_not_stored(t
                                                                                 monkeypatch):
     """Seen by fuzzing: XLA:CPU can serialise an executable without kernels it shares with
     programs compiled earlier in the storing process; in the next process the loaded copy
-    fails to run ("Function … not found"). The call then compiles afresh and answers, the
-    file is dropped, and this process does not store that program again (it would store
-    the same incomplete copy). Any other runtime error still raises."""
+    fails to run ("Function … not found", reported on its outputs when they are read). The
+    call then compiles afresh and answers, the file is dropped, and this process does not
+    store that program again (it would store the same incomplete copy). Any other runtime
+    error still raises."""
     store = tmp_path / "programs"
     store.mkdir()
     monkeypatch.setitem(_cache._state, "store", store)
@@ -303,12 +304,19 @@ def test_a_stored_program_missing_its_kernels_is_compiled_again_and_not_stored(t
     assert float(program(np.float32(2.0))) == 6.0
     (stored,) = store.iterdir()
 
+    class Pending:  # XLA reports a failed dispatch on the outputs, when they are read
+        def __init__(self, message):
+            self.message = message
+
+        def block_until_ready(self):
+            raise jax.errors.JaxRuntimeError(self.message)
+
     class Broken:
         def __init__(self, message):
             self.message = message
 
         def __call__(self, *args, **kwargs):
-            raise jax.errors.JaxRuntimeError(self.message)
+            return Pending(self.message)
 
     missing = "INTERNAL: Error dispatching computation: Function iota.33_kernel not found"
     loads = []
