@@ -121,3 +121,18 @@ def test_best_of_warms_up_before_it_times():
     assert len(calls) >= 4 and best < 0.01  # the slow first calls were not timed
     calls.clear()
     assert bench_fit.best_of(2, timed, warmup=0) >= 0.02 and len(calls) == 2
+
+
+def test_bench_batch_floor_smoke():
+    # Every variant (jaxem, the bare program, scikit-learn) fits the same batch: their mean
+    # final log-likelihoods agree, so the floor it reports is a floor for the same job.
+    out = _run("bench_batch_floor.py", "--n-datasets", "20", "--repeats", "1")
+    lines = out.stdout.splitlines()
+    names = ("scikit-learn loop", "jaxem first call", "bare first call",
+             "bare-pipelined first call")
+    ll = {}
+    for name in names:
+        (line,) = [row for row in lines if row.startswith(name + " ")]
+        ll[name] = float(line.split("mean ll")[1].split()[0])
+    assert max(ll.values()) - min(ll.values()) < 0.05, ll
+    assert any(line.startswith("10x scikit-learn needs a first call of at most") for line in lines)
