@@ -263,17 +263,45 @@ def test_fit_composes_with_jit_and_vmap_over_datasets(rng):
     np.testing.assert_allclose(batched, single, rtol=1e-5)
 
 
-def _count_conds(jaxpr) -> int:
-    """``cond`` primitives in a jaxpr and every jaxpr nested in it."""
+def _count_primitive(jaxpr, name: str) -> int:
+    """``name`` primitives in a jaxpr and every jaxpr nested in it."""
     n = 0
     for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "cond"
+        n += eqn.primitive.name == name
         for value in eqn.params.values():
             for sub in value if isinstance(value, tuple | list) else (value,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    n += _count_conds(inner)
+                    n += _count_primitive(inner, name)
     return n
+
+
+def _count_conds(jaxpr) -> int:
+    """``cond`` primitives in a jaxpr and every jaxpr nested in it."""
+    return _count_primitive(jaxpr, "cond")
+
+
+def test_the_history_is_recorded_without_a_scatter_under_vmap(rng):
+    # Each iteration's log-likelihood enters the history by an elementwise select: under a
+    # vmap (restarts, fit_batch's datasets) an indexed update is a scatter, which XLA:CPU
+    # ran as a loop over the members every iteration. The history is each member's own.
+    xs = np.stack([make_blobs(rng, n_per=20, k=2, d=2, sep=s) for s in (1.0, 3.0, 6.0)])
+    xs = xs.astype(np.float32)
+    model = gmm.GaussianMixtureModel("full")
+    params = jax.vmap(lambda x: model.init(jax.random.PRNGKey(0), x, 2, method="random"))(xs)
+
+    def fit(p, x):
+        return _loop.run(model, x, None, p, 1e-4, 12, {"reg_covar": 1e-6}, n_history=16)
+
+    assert _count_primitive(jax.make_jaxpr(jax.vmap(fit))(params, xs).jaxpr, "scatter") == 0
+    batched = jax.vmap(fit)(params, xs)
+    for b in range(len(xs)):
+        alone = fit(jax.tree_util.tree_map(lambda a, b=b: a[b], params), xs[b])
+        n = int(alone.n_iter)
+        assert int(batched.n_iter[b]) == n and 1 <= n <= 12
+        np.testing.assert_allclose(batched.lower_bounds[b], alone.lower_bounds, rtol=1e-5)
+        history = np.asarray(alone.lower_bounds)
+        assert np.all(np.isfinite(history[:n])) and np.all(np.isnan(history[n:]))
 
 
 @pytest.mark.parametrize("cov_type", ["full", "diag"])
