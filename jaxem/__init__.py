@@ -14,6 +14,7 @@ from jaxem import (
     streamed,
     tuning,
 )
+from jaxem._cache import enable_compilation_cache
 from jaxem._validation import PrecisionWarning
 from jaxem.differentiable import (
     GradientWarning,
@@ -72,6 +73,7 @@ __all__ = [
     "differentiable",
     "distributed",
     "elbo",
+    "enable_compilation_cache",
     "envelope_log_likelihood",
     "fit",
     "fit_batch",

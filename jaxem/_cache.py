@@ -106,6 +106,26 @@ def enable_persistent_cache() -> Path | None:
     return path
 
 
+def enable_compilation_cache() -> Path | None:
+    """Keep compiled programs across processes for the functional API too.
+
+    The ``jaxem`` command and the scikit-learn estimators turn the persistent cache on by
+    themselves; ``jaxem.fit``, ``fit_restarts``, ``fit_batch`` and ``select`` leave JAX's
+    configuration alone unless asked, by calling this once (before the first fit). Then a
+    later process with the same shapes loads their executables instead of tracing and
+    compiling them (a 1,000-dataset ``fit_batch``: 0.06 s to load against ~1.1 s). The
+    same rules as the estimator's: ``$XDG_CACHE_HOME/jaxem`` (default ``~/.cache/jaxem``),
+    private to the user, capped at ``JAXEM_CACHE_MAX_MB``; a cache of your own
+    (``JAX_COMPILATION_CACHE_DIR``) is left as it is, and ``JAXEM_NO_COMPILATION_CACHE=1``
+    keeps it off.
+
+    Returns:
+      The folder of JAX's cache (``.../jaxem/xla``; the executables go beside it, in
+      ``.../jaxem/programs``), or None where it stays off.
+    """
+    return enable_persistent_cache()
+
+
 def cache_max_bytes() -> int:
     """The most bytes each cache folder keeps: ``JAXEM_CACHE_MAX_MB`` megabytes (a positive
     number), default :data:`DEFAULT_CACHE_MAX_MB`."""

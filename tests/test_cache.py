@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -171,6 +172,51 @@ def test_the_store_turns_on_with_the_cache_even_if_a_driver_ran_before(tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("STORE ")[1].strip() == str(tmp_path / "jaxem" / "programs")
     assert any((tmp_path / "jaxem" / "programs").iterdir())
+
+
+BATCH_PROBE = r'''
+import jax, numpy as np, jaxem
+from jaxem import _cache
+x = np.random.default_rng(0).normal(size=(6, 40, 2))
+model = jaxem.GaussianMixtureModel("diag")
+if __import__("sys").argv[1] == "on":
+    print("FOLDER", jaxem.enable_compilation_cache())
+key = jax.random.PRNGKey(0)  # (JAX's own small programs, before the count)
+_cache.compile_totals()
+r = jaxem.fit_batch(model, x, key, n_components=2)
+print("BUILT", _cache.compile_totals()["programs"], "STORE", _cache.program_store())
+print("MEANS", np.asarray(r.best.params.means).tobytes().hex())
+'''
+
+
+def test_the_functional_api_keeps_programs_across_processes_when_asked(tmp_path):
+    """``jaxem.enable_compilation_cache()`` gives ``fit_batch`` (any driver) the
+    estimator's cache: the next process builds nothing and gets bit-identical results.
+    Without the call the functional API leaves JAX's configuration alone."""
+    def probe(switch):
+        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+        env["XDG_CACHE_HOME"] = str(tmp_path)
+        out = subprocess.run([sys.executable, "-c", BATCH_PROBE, switch], capture_output=True,
+                             text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr
+        built, rest = out.stdout.split("BUILT ")[1].split(" STORE ")
+        store, means = rest.split("MEANS ")
+        return out.stdout, int(built), store.strip(), means.strip()
+
+    text, built, store, means = probe("off")
+    assert built >= 1 and store == "None" and not (tmp_path / "jaxem").exists()
+    text, built, store, means_on = probe("on")
+    assert f"FOLDER {tmp_path / 'jaxem' / 'xla'}" in text and built >= 1
+    assert store == str(tmp_path / "jaxem" / "programs") and any(Path(store).iterdir())
+    _, again, _, means_again = probe("on")
+    assert again == 0 and means_again == means_on
+    # (A stored program is lowered from keyword arguments, a plain call from positional
+    # ones: the same program with its inputs in another order, which XLA may fuse
+    # differently — equal to float rounding, not bit for bit.)
+    def values(hex_text):
+        return np.frombuffer(bytes.fromhex(hex_text), np.float32)
+
+    np.testing.assert_allclose(values(means_on), values(means), rtol=1e-5, atol=1e-6)
 
 
 def test_compiler_options_this_xla_does_not_know_are_dropped():
