@@ -129,7 +129,7 @@ def test_bench_batch_floor_smoke():
     out = _run("bench_batch_floor.py", "--n-datasets", "20", "--repeats", "1")
     lines = out.stdout.splitlines()
     names = ("scikit-learn loop", "jaxem first call", "bare first call",
-             "bare-pipelined first call")
+             "bare-pipelined first call", "jaxem first call, warm")
     ll = {}
     for name in names:
         (line,) = [row for row in lines if row.startswith(name + " ")]
