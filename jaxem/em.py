@@ -8,8 +8,10 @@ The drivers know nothing about Gaussians. A *model* is any hashable object with
     default_hyper() -> dict                            (optional: defaults of **hyper)
     with_batch(n, axis_name) -> model                  (optional: sized for n restarts vmapped
                                                         over axis_name; may use collectives on it;
-                                                        axis_name is None for a single restart,
-                                                        which runs without a vmap)
+                                                        axis_name is None where nothing may be
+                                                        shared: a single restart, which runs
+                                                        without a vmap, or fit_batch's members,
+                                                        which are different datasets)
     check_hyper(**hyper)                               (optional: eager validation)
     check_params(params, x)                            (optional: eager validation)
     combine_stats(a, b, a_scale, b_scale) -> stats     (optional: a_scale·a + b_scale·b, for
