@@ -130,8 +130,11 @@ def _bare_parts():
     return init, loop
 
 
-def _bare(x, w, key, pipelined: bool):
-    """The bare program's first call and a second one: seconds, and the result."""
+def _bare(x, w, key, mode: str):
+    """The bare program's first call and a second one: seconds, and the result. ``mode``:
+    ``"vmap"`` (one program, the datasets vmapped), ``"pipelined"`` (two vmapped programs
+    compiled in threads) or ``"sequential"`` (one program, the datasets one after another
+    in a ``lax.map``, as ``fit_batch`` runs them on the CPU)."""
     import concurrent.futures
 
     import jax
@@ -147,11 +150,14 @@ def _bare(x, w, key, pipelined: bool):
     batched_loop = jax.vmap(loop)
 
     def both(key, x, w):
+        if mode == "sequential":
+            return jax.lax.map(lambda a: loop(init(*a), *a[1:]),
+                               (jax.random.split(key, n_datasets), x, w))
         return batched_loop(batched_init(key, x, w), x, w)
 
     parts = {}
     t0 = time.perf_counter()
-    if not pipelined:
+    if mode != "pipelined":
         lowered = jax.jit(both).trace(key, x, w).lower()
         parts["trace+lower"] = time.perf_counter() - t0
         t = time.perf_counter()
@@ -221,14 +227,16 @@ def child(variant: str, n_datasets: int) -> dict:
                 "ll": float(np.mean(result.best.lower_bound)),
                 "max_iter": int(np.max(result.best.n_iter))}
     x_dev, w_dev = jax.device_put(x), jax.device_put(np.ones(x.shape[:2], x.dtype))
-    first, again, (ll, n_iter), parts = _bare(x_dev, w_dev, key, variant == "bare-pipelined")
+    mode = {"bare": "vmap", "bare-pipelined": "pipelined", "bare-sequential": "sequential"}
+    first, again, (ll, n_iter), parts = _bare(x_dev, w_dev, key, mode[variant])
     return {"first": first, "again": again, "ll": float(np.mean(ll)),
             "max_iter": int(np.max(n_iter)), **parts}
 
 
-VARIANTS = ("sklearn", "jaxem", "bare", "bare-pipelined", "jaxem-warm")
+VARIANTS = ("sklearn", "jaxem", "bare", "bare-pipelined", "bare-sequential", "jaxem-warm")
 LABELS = {"jaxem": "jaxem first call", "bare": "bare first call",
           "bare-pipelined": "bare-pipelined first call",
+          "bare-sequential": "bare-sequential first call",
           "jaxem-warm": "jaxem first call, warm"}
 
 

@@ -274,9 +274,36 @@ def test_float32_datasets_far_apart_fit_as_well_in_a_batch_as_alone(rng, cov_typ
 
 
 @pytest.mark.parametrize("cov_type", ["full", "diag"])
+def test_a_batch_run_one_after_another_equals_it_vmapped(x64, rng, cov_type):
+    # fit_batch runs its fits one after another on the CPU and as one vmap on an
+    # accelerator (em.batch_sequentially): the same fits either way, ragged sizes and
+    # restarts included.
+    sizes = (40, 25, 33)
+    n_max = max(sizes)
+    x = np.stack([np.concatenate([make_blobs(rng, n_per=-(-n // 3), k=3, d=2)[:n],
+                                  np.zeros((n_max - n, 2))]) for n in sizes])
+    w = np.stack([np.arange(n_max) < n for n in sizes]).astype(float)
+    model = gmm.GaussianMixtureModel(cov_type).with_batch(1, None)
+    hyper = {"reg_covar": jnp.float64(1e-6)}
+
+    def program(sequential):
+        return jax.jit(lambda x, w, key: em._batch_program(
+            model, x, w, key, 1e-8, 200, 2, 3, "kmeans", hyper, 256, sequential))(
+            x, w, jax.random.PRNGKey(3))
+
+    vmapped, one_by_one = program(False), program(True)
+    np.testing.assert_array_equal(one_by_one.best.n_iter, vmapped.best.n_iter)
+    np.testing.assert_array_equal(one_by_one.best_index, vmapped.best_index)
+    np.testing.assert_allclose(one_by_one.best.lower_bound, vmapped.best.lower_bound, rtol=1e-12)
+    assert tree_allclose(one_by_one.best.params, vmapped.best.params, rtol=1e-9, atol=1e-12)
+    assert em.batch_sequentially() == (jax.default_backend() == "cpu")
+
+
+@pytest.mark.parametrize("cov_type", ["full", "diag"])
 def test_a_batch_keeps_every_fast_path_guard_a_cond(rng, cov_type):
     # A batched predicate would turn each guard into a select running both sweeps; the
-    # batch program keeps the conds of the single-dataset program (gmm._all_batch_members).
+    # vmapped batch program (an accelerator's) keeps the conds of the single-dataset
+    # program (gmm._all_batch_members).
     xs = np.stack([make_blobs(rng, n_per=20, k=2, d=2) for _ in range(4)]).astype(np.float32)
     model = gmm.GaussianMixtureModel(cov_type, moments="product").with_batch(1, None)
     hyper = {"reg_covar": jnp.float32(1e-6)}
