@@ -453,15 +453,19 @@ class StoredProgram:
     def __call__(self, *args, **kwargs):
         if _validation.under_transformation():
             return self.nested(*args, **kwargs)
-        store = program_store()
-        if store is None:
-            return self.jitted(*args, **kwargs)
+        # Every path passes the arguments by name, as a stored program was lowered: the
+        # order of a program's inputs changes how XLA fuses it, and so its float rounding
+        # (by position, a fit_batch with the cache off differed from the same fit with it
+        # on in the last bits).
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        store = program_store()
+        if store is None:
+            return self.jitted(**bound.arguments)
         dynamic = {k: v for k, v in bound.arguments.items() if k not in self._static}
         key = self._key(bound.arguments, dynamic)
         if key is None:
-            return self.jitted(*args, **kwargs)
+            return self.jitted(**bound.arguments)
         compiled = self._loaded.get(key)
         from_disk = compiled is None and key not in _unstorable
         if from_disk:
