@@ -42,6 +42,8 @@ only grow.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -53,6 +55,7 @@ import pickle
 import platform
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -345,6 +348,10 @@ def _leaf_key(leaf, device) -> str | None:
         if leaf.sharding.device_set != {device}:
             return None
         return f"{leaf.shape}{leaf.dtype}{'w' if leaf.weak_type else ''}"
+    if isinstance(leaf, jax.ShapeDtypeStruct):  # keyed as the array it stands for
+        if leaf.sharding is not None and leaf.sharding.device_set != {device}:
+            return None
+        return f"{leaf.shape}{leaf.dtype}{'w' if leaf.weak_type else ''}"
     if isinstance(leaf, np.ndarray | np.generic):
         return f"{leaf.shape}{leaf.dtype}np"
     if isinstance(leaf, bool | int | float | complex):
@@ -396,7 +403,7 @@ def supported_options(options: dict | None) -> dict | None:
 
 # Options every jaxlib this package supports (>= 0.10) knows: not worth a probe compile.
 _ESTABLISHED_OPTIONS = frozenset({"xla_backend_optimization_level",
-                                  "xla_cpu_use_fusion_emitters"})
+                                  "xla_cpu_use_fusion_emitters", "xla_disable_hlo_passes"})
 
 
 @functools.cache
@@ -406,6 +413,34 @@ def _option_known(name: str, value) -> bool:
     except Exception:  # noqa: BLE001 - XLA's "No such compile option" (or a bad value)
         return False
     return True
+
+
+_fresh_lock = threading.Lock()
+_recompile_lock = threading.Lock()
+_fresh_depth = 0
+_fresh_previous = None
+
+
+@contextlib.contextmanager
+def fresh_compiles():
+    """Compiles inside are done afresh, not taken from JAX's persistent cache: XLA:CPU cannot
+    serialise again an executable it has loaded from there (the copy runs, then fails to
+    find its kernels: "Function … not found"), and the store keeps what it compiles. JAX's
+    setting is global, so compiles in several threads share one window: it is turned off
+    by the first to enter and back on by the last to leave."""
+    global _fresh_depth, _fresh_previous
+    with _fresh_lock:
+        if _fresh_depth == 0:
+            _fresh_previous = jax.config.jax_enable_compilation_cache
+            jax.config.update("jax_enable_compilation_cache", False)
+        _fresh_depth += 1
+    try:
+        yield
+    finally:
+        with _fresh_lock:
+            _fresh_depth -= 1
+            if _fresh_depth == 0:
+                jax.config.update("jax_enable_compilation_cache", _fresh_previous)
 
 
 class StoredProgram:
@@ -479,10 +514,67 @@ class StoredProgram:
         _loaded_programs.add(self)
         if not from_disk:
             return compiled(**dynamic)
+        return self._first_run(key, bound.arguments, dynamic)
+
+    def prepare(self, pool, *args, **kwargs):
+        """This call's program, ready to run: a future of a function of the dynamic
+        arguments (by name, as the program is lowered), and the shapes of its outputs.
+
+        A program not known yet (in this process or the store) is traced and lowered here,
+        in the calling thread, and compiled in ``pool`` (a ``concurrent.futures``
+        executor), so that this thread can trace the next program meanwhile: on two cores
+        ``fit_batch`` compiles its initialisation and its EM loop side by side. Dynamic
+        arguments may be ``jax.ShapeDtypeStruct`` (e.g. another prepared program's
+        outputs); the returned function may be called from several threads at once."""
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        dynamic = {k: v for k, v in bound.arguments.items() if k not in self._static}
+        key = self._key(bound.arguments, dynamic)
+        ready = concurrent.futures.Future()
+        if key is None:  # not keyed (see _key): JAX's own jit, compiled on its first call
+            ready.set_result(lambda **given: self.jitted(**{**bound.arguments, **given}))
+            return ready, self.jitted.trace(**bound.arguments).out_info
+        compiled = self._loaded.get(key)
+        store = program_store()
+        if compiled is None and store is not None and key not in _unstorable:
+            compiled = self._load(store, key)
+            if compiled is not None:
+                self._loaded[key] = compiled
+                _loaded_programs.add(self)
+                checked = []
+
+                def first_run(**given):  # runs are checked until one has passed
+                    if checked:
+                        return self._loaded[key](**given)
+                    out = self._first_run(key, bound.arguments, given)
+                    checked.append(True)
+                    return out
+
+                ready.set_result(first_run)
+                return ready, compiled.out_info
+        if compiled is not None:
+            ready.set_result(compiled)
+            return ready, compiled.out_info
+        lowered = self.jitted.lower(**bound.arguments)
+
+        def compile_and_keep():
+            with fresh_compiles():
+                compiled = lowered.compile()
+            self._loaded[key] = compiled
+            _loaded_programs.add(self)
+            if store is not None and key not in _unstorable:
+                self._save(store, key, compiled)
+            return compiled
+
+        return pool.submit(compile_and_keep), lowered.out_info
+
+    def _first_run(self, key: str, arguments: dict, dynamic: dict):
+        """The first run of a program loaded from the store, which waits for its result:
+        XLA reports a failed dispatch on the outputs, later, where the caller first reads
+        them."""
+        loaded = self._loaded[key]
         try:
-            # Its first run waits for the result: XLA reports a failed dispatch on the
-            # outputs, later, where the caller first reads them.
-            return jax.block_until_ready(compiled(**dynamic))
+            return jax.block_until_ready(loaded(**dynamic))
         except jax.errors.JaxRuntimeError as error:
             # A stored executable that lacks some of its kernels ("Function … not found"):
             # XLA:CPU can serialise an executable without kernels it shares with others
@@ -491,21 +583,18 @@ class StoredProgram:
             # afresh, and not stored again from this process.
             if "not found" not in str(error):
                 raise
-            (store / key).unlink(missing_ok=True)
-            _unstorable.add(key)
-            compiled = self._loaded[key] = self._compile(bound.arguments)
-            return compiled(**dynamic)
+            with _recompile_lock:  # once, where several threads ran it
+                if self._loaded.get(key) is loaded:
+                    _unstorable.add(key)
+                    store = program_store()
+                    if store is not None:
+                        (store / key).unlink(missing_ok=True)
+                    self._loaded[key] = self._compile(arguments)
+            return self._loaded[key](**dynamic)
 
     def _compile(self, arguments: dict):
-        # Compiled afresh, not taken from JAX's cache: XLA:CPU cannot serialise again an
-        # executable it has loaded from there (the copy runs, then fails to find its
-        # kernels: "Function … not found").
-        previous = jax.config.jax_enable_compilation_cache
-        jax.config.update("jax_enable_compilation_cache", False)
-        try:
+        with fresh_compiles():
             return self.jitted.lower(**arguments).compile()
-        finally:
-            jax.config.update("jax_enable_compilation_cache", previous)
 
     def _key(self, arguments: dict, dynamic: dict) -> str | None:
         parts = [self._name]

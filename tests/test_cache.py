@@ -2,13 +2,16 @@
 process loads the programs the first compiled, and it stays out of the way when asked; and
 the guard that drops compiled programs before the process runs out of memory mappings."""
 
+import concurrent.futures
 import dataclasses
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -147,6 +150,9 @@ def test_compiled_programs_are_dropped_before_the_memory_mappings_run_out(monkey
     assert _cache._maps["released"] == released + 1
     assert em._restarts_programs.cache_size() == 0
     # and the drivers call it: after enough compilations, the next fit releases first
+    # (the budget set again below today's count: the release above may have dropped the
+    # mappings of programs earlier tests in this process left below the first budget)
+    monkeypatch.setattr(_cache, "MAPS_BUDGET", 0.9 * _cache.memory_mappings() / limit)
     monkeypatch.setitem(_cache._maps, "compiled", _cache.MAPS_CHECK_EVERY)
     jaxem.fit_restarts(jaxem.GaussianMixtureModel("diag"), x, jax.random.PRNGKey(0),
                        n_components=2, n_init=1)
@@ -396,3 +402,63 @@ def test_turning_the_cache_on_trims_its_folders(tmp_path):
     assert left == ["old2-cache", "old3-cache"]
     programs = tmp_path / "jaxem" / "programs"  # trimmed whenever it stores one
     assert 0 < sum(p.stat().st_size for p in programs.iterdir()) <= 2**20
+
+
+def test_a_prepared_program_compiles_in_the_pool_and_is_kept(tmp_path, monkeypatch):
+    """``StoredProgram.prepare`` (fit_batch's two programs, compiled side by side): traced in
+    the calling thread, compiled in the pool, its function takes the dynamic arguments by
+    name and answers as a call does; an argument given as a shape is keyed as the array it
+    stands for (a later call with the array compiles nothing); the next process's copy
+    loads it from the store, ready at once, and a loaded copy whose first run fails is
+    compiled again."""
+    store = tmp_path / "programs"
+    store.mkdir()
+    monkeypatch.setitem(_cache._state, "store", store)
+    monkeypatch.setattr(_cache, "_unstorable", set())
+    compiled_in = []
+
+    class Pool:  # runs each job in a thread of its own, and notes which
+        def submit(self, job):
+            done = concurrent.futures.Future()
+
+            def work():
+                compiled_in.append(threading.current_thread())
+                done.set_result(job())
+
+            thread = threading.Thread(target=work)
+            thread.start()
+            thread.join()
+            return done
+
+    def f(a, b, scale):
+        return a * scale + jnp.sum(b)
+
+    a, b = jnp.arange(3.0, dtype=jnp.float32), jnp.ones(2, jnp.float32)
+    program = _cache.StoredProgram(f, ("scale",))
+    ready, info = program.prepare(Pool(), jax.ShapeDtypeStruct((3,), jnp.float32), b, 2.0)
+    assert info.shape == (3,) and info.dtype == jnp.float32
+    assert len(compiled_in) == 1 and compiled_in[0] is not threading.current_thread()
+    np.testing.assert_array_equal(ready.result()(a=a, b=b), np.array([2.0, 4.0, 6.0]))
+    (stored,) = store.iterdir()
+    np.testing.assert_array_equal(program(a, b, 2.0), np.array([2.0, 4.0, 6.0]))
+    assert len(program._loaded) == 1  # the array's call found the program prepared
+    again = _cache.StoredProgram(f, ("scale",))  # the next process's copy
+    ready, info = again.prepare(Pool(), a, b, 2.0)
+    assert ready.done() and len(compiled_in) == 1 and info.shape == (3,)
+    np.testing.assert_array_equal(ready.result()(a=a, b=b), np.array([2.0, 4.0, 6.0]))
+
+    class Broken:  # a stored copy missing its kernels: fails when its outputs are read
+        out_info = info
+
+        def __call__(self, **kwargs):
+            class Pending:
+                def block_until_ready(self):
+                    raise jax.errors.JaxRuntimeError("Function iota.3_kernel not found")
+            return Pending()
+
+    monkeypatch.setattr(_cache.StoredProgram, "_load", lambda self, store, key: Broken())
+    third = _cache.StoredProgram(f, ("scale",))
+    ready, _ = third.prepare(Pool(), a, b, 2.0)
+    np.testing.assert_array_equal(ready.result()(a=a, b=b), np.array([2.0, 4.0, 6.0]))
+    np.testing.assert_array_equal(ready.result()(a=b[:1].repeat(3), b=b), np.full(3, 4.0))
+    assert not stored.exists() and len(_cache._unstorable) == 1

@@ -82,3 +82,49 @@ def test_squared_distances_match_float64(seed, d, k, scale):
         tol = 8 * d * eps * ((x64**2).sum(1)[:, None] + (c64**2).sum(1)[None])
     assert got.shape == (30, k) and np.all(got >= 0)
     assert np.all(np.abs(got - want) <= tol + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_seeding_variates_are_the_uniforms_of_their_index(dtype):
+    # A threefry key's variate (i, j) is jax.random.uniform's element of flat index
+    # i·_DRAW_STRIDE + j (one hash each, not fold_in's two): the same whatever the number of
+    # clusters or candidates, for a raw key and a typed one.
+    with jax.enable_x64(dtype == jnp.float64):
+        key = jax.random.PRNGKey(7)
+        flat = np.asarray(jax.random.uniform(key, (2 * kmeans._DRAW_STRIDE + 3,), dtype))
+        for k, t in [(3, 3), (2, 4)]:
+            for given in (key, jax.random.wrap_key_data(key)):
+                u = np.asarray(kmeans._seeding_uniforms(given, k, t, dtype))
+                assert u.dtype == dtype and u.shape == (k, t)
+                want = flat[np.arange(k)[:, None] * kmeans._DRAW_STRIDE + np.arange(t)[None]]
+                np.testing.assert_array_equal(u, want)
+
+
+def test_seeding_variates_of_another_generator_keep_their_index():
+    # A key of another generator folds the index in: still one variate per index, in
+    # [0, 1), a K-cluster draw the prefix of a larger one.
+    key = jax.random.key(3, impl="rbg")
+    small = np.asarray(kmeans._seeding_uniforms(key, 2, 3, jnp.float32))
+    large = np.asarray(kmeans._seeding_uniforms(key, 4, 3, jnp.float32))
+    np.testing.assert_array_equal(small, large[:2])
+    assert np.all((large >= 0) & (large < 1)) and len(np.unique(large)) == large.size
+    seeds = kmeans.kmeans_plusplus(key, np.arange(20.0, dtype=np.float32)[:, None], 3)
+    assert seeds.shape == (3, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 12), live=st.integers(1, 12),
+       ties=st.booleans())
+def test_nearest_centre_is_the_first_of_the_closest_live_ones(seed, k, live, ties):
+    # Up to SMALL_CLUSTERS the columns are compared in turn; either way the index is
+    # argmin's over the live centres (the first of equals) and the distance its minimum.
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, size=(25, 2)).astype(np.float32)
+    c = (rng.integers(-3, 4, size=(k, 2)) if ties else rng.normal(size=(k, 2))).astype(
+        np.float32)
+    alive = np.arange(k) < min(live, k)
+    index, best = kmeans._nearest(jnp.asarray(x), jnp.sum(jnp.asarray(x) ** 2, axis=1),
+                                  jnp.asarray(c), jnp.asarray(alive))
+    d2 = np.where(alive[None], ((x[:, None] - c[None]) ** 2).sum(2), np.inf)
+    np.testing.assert_array_equal(np.asarray(index), np.argmin(d2, axis=1))
+    np.testing.assert_allclose(np.asarray(best), d2.min(axis=1), rtol=1e-6)
