@@ -838,33 +838,46 @@ def fit_batch(
                                     n_components, init_method, hyper, n_history, False),
                             max_iter)
     # The CPU: the initialisation and the EM loop as two programs, the second traced while
-    # the first compiles, each run shard by shard (batch_shards), a thread per shard. A
-    # small batch's initialisation takes -O0: run once per fit, it costs 0.13 s more to run
-    # than at -O1 (1,000 × 200, D = 2, K = 3, full; 0.07 s over two shards) and compiles
-    # 0.2 s faster. Measured on 2 cores against one -O1 program, a fresh process each:
-    # first call 0.94 -> 0.72 s, compiled call 0.055 -> 0.12 s.
+    # the first compiles, each run shard by shard (batch_shards), a thread per shard. The
+    # initialisation (k-means, run once per fit) takes the next quicker options than the
+    # loop: -O0 for a small batch, where it runs 0.13 s longer than at -O1 (1,000 × 200,
+    # D = 2, K = 3, full; 0.07 s over two shards) and compiles 0.2 s faster; the older
+    # emitters for a larger one (see separate_initialisation). Measured on 2 cores, a fresh
+    # process each, first call / compiled call (s), one -O1 program on one thread → these:
+    # 1,000 × 200, D = 2, K = 3, full 1.06 / 0.10 → 0.71 / 0.12; 500 × 200, D = 8, K = 5,
+    # full 1.78 / 0.075 → 1.32 / 0.044; 1,000 × 100, D = 4, K = 3, diag 1.65 / 0.085 → 1.09 /
+    # 0.033; 100 × 5,000, D = 4, K = 4, tied 2.04 / 0.20 → 1.45 / 0.105.
     short = n <= SHORT_SUM_ROWS
     variant = compile_variant(n, entries, n_init * b, max_iter)
-    init_program = getattr(_batch_init_programs[short], "quick" if variant == "small"
-                           else variant)
+    init_variant = {"default": "small", "small": "quick"}.get(variant, variant)
+    init_program = getattr(_batch_init_programs[short], init_variant)
     loop_program = getattr(_batch_loop_programs[short], variant)
     shards = [host_array(shard, np.int32) for shard in range(n_shards)]
-    with concurrent.futures.ThreadPoolExecutor(n_shards + 1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(n_shards + 2) as pool:
         init_ready, params_info = init_program.prepare(
             pool, model, x_dev, w_dev, key, n_init, n_components, init_method, hyper, b,
             n_shards, shards[0], True)
-        loop_ready, _ = loop_program.prepare(
-            pool, model, x_dev, w_dev, params_info, tol, max_iter_arg, n_init, hyper,
-            n_history, n_shards, shards[0], True)
+        loop_prepared = concurrent.futures.Future()
 
         def fit_shard(shard):  # one thread's dispatches run in turn: a thread per shard
             params = init_ready.result()(x=x_dev, weights=w_dev, key=key, hyper=hyper,
                                          shard=shard)
-            return loop_ready.result()(x=x_dev, weights=w_dev, params=params, tol=tol,
-                                       max_iter=max_iter_arg, hyper=hyper, shard=shard)
+            return loop_prepared.result().result()(
+                x=x_dev, weights=w_dev, params=params, tol=tol, max_iter=max_iter_arg,
+                hyper=hyper, shard=shard)
 
-        others = [pool.submit(fit_shard, shard) for shard in shards[1:]]
-        results = [fit_shard(shards[0])] + [other.result() for other in others]
+        # The shards start their initialisation as soon as its program is ready, while this
+        # thread traces (or loads) the loop's.
+        jobs = [pool.submit(fit_shard, shard) for shard in shards]
+        try:
+            loop_ready, _ = loop_program.prepare(
+                pool, model, x_dev, w_dev, params_info, tol, max_iter_arg, n_init, hyper,
+                n_history, n_shards, shards[0], True)
+        except BaseException as error:
+            loop_prepared.set_exception(error)
+            raise
+        loop_prepared.set_result(loop_ready)
+        results = [job.result() for job in jobs]
     if n_shards == 1:
         return trim_history(results[0], max_iter)
     result = jax.tree_util.tree_map(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_blobs
 from helpers import enable_x64
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, example, given, reject, settings
 from hypothesis import strategies as st
 from test_cli import run
 
@@ -512,8 +512,16 @@ def test_fuzz_fitted_models_answer_any_query(covariance_type, n_components, offs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", PrecisionWarning)
-        gm = GaussianMixture(n_components, covariance_type=covariance_type,
-                             random_state=seed).fit(x)
+        try:
+            gm = GaussianMixture(n_components, covariance_type=covariance_type,
+                                 random_state=seed).fit(x)
+        except ValueError as error:
+            # No model to query: k-means left a component two points in 2-D, whose
+            # covariance plus reg_covar (1e-6) is singular in float32 at a spread of 1e3
+            # (offset 1e4, full, K = 4, seed 4). scikit-learn refuses such data the same
+            # way (3 of its first 5 seeds); the fit's own error is tested elsewhere.
+            assert "ill-defined covariance" in str(error)
+            reject()
     q = (offset + spread * query_scale * rng.normal(size=(16, 2))).astype(np.float32)
     proba = gm.predict_proba(q)
     assert np.all(np.isfinite(proba)) and np.all(proba >= 0)
