@@ -344,11 +344,7 @@ def _leaf_key(leaf, device) -> str | None:
     placed on another device (those calls are not stored)."""
     if isinstance(leaf, jax.core.Tracer):
         return None
-    if isinstance(leaf, jax.Array):
-        if leaf.sharding.device_set != {device}:
-            return None
-        return f"{leaf.shape}{leaf.dtype}{'w' if leaf.weak_type else ''}"
-    if isinstance(leaf, jax.ShapeDtypeStruct):  # keyed as the array it stands for
+    if isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):  # a shape: as the array it stands for
         if leaf.sharding is not None and leaf.sharding.device_set != {device}:
             return None
         return f"{leaf.shape}{leaf.dtype}{'w' if leaf.weak_type else ''}"
