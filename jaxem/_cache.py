@@ -364,34 +364,33 @@ def _leaf_key(leaf, device) -> str | None:
 # way). Off in the programs whose run time matters (the default-option programs and
 # every `fit`); the small programs keep it, as LLVM then has fewer kernels to compile
 # (a 1,000-dataset fit_batch program: 0.58 against 0.70 s; it runs 0.02 s faster without).
-# Ignored by other backends.
-DEFAULT_COMPILE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-# On the CPU the default-option programs also take LLVM's -O1 instead of -O2: their run time
-# is in matrix products (library calls) and the fusion emitters' loops, which -O1 leaves as
-# fast, while most compile up to ~40% faster (measured on the 2-core Intel VM, a fresh
-# process each, -O2 / -O1: compile 1.13 / 0.97 s and 34.0 / 33.4 ms an iteration for full
-# 16 × 16 at N = 1e5, diag 64 × 8 at 2e5 0.95 / 0.83 s and 28.3 / 28.0 ms, full 64 × 64 at
-# 1e5 1.58 / 1.38 s and 637 / 637 ms; a model search's seeding 1.37 / 0.81 s, 0.68 / 0.65 s
-# to run; full 8 × 8 at 1e6 no faster to compile; 14 cells in benchmarks/README.md, tenth
-# session). Not on a GPU, where the same option sets the level its kernels are generated
-# at, unmeasured here.
-CPU_DEFAULT_OPTIONS = {"xla_backend_optimization_level": 1}
-
-
-def default_compile_options() -> dict:
-    """The options of the programs whose run time matters: :data:`DEFAULT_COMPILE_OPTIONS`,
-    and on the CPU :data:`CPU_DEFAULT_OPTIONS` too."""
-    on_cpu = jax.default_backend() == "cpu"
-    return {**DEFAULT_COMPILE_OPTIONS, **(CPU_DEFAULT_OPTIONS if on_cpu else {})}
+#
+# The same programs take LLVM's -O1 instead of -O2: their run time is in matrix products
+# (library calls) and the fusion emitters' loops, which -O1 leaves as fast, while most
+# compile up to ~40% faster (measured on the 2-core Intel VM, a fresh process each, -O2 /
+# -O1: compile 1.13 / 0.97 s and 34.0 / 33.4 ms an iteration for full 16 × 16 at N = 1e5,
+# diag 64 × 8 at 2e5 0.95 / 0.83 s and 28.3 / 28.0 ms, full 64 × 64 at 1e5 1.58 / 1.38 s
+# and 637 / 637 ms; a model search's seeding 1.37 / 0.81 s, 0.68 / 0.65 s to run; full
+# 8 × 8 at 1e6 no faster to compile; 14 cells in benchmarks/README.md, tenth session).
+#
+# Like every option jaxem sets, these are XLA:CPU's: off the CPU none is passed
+# (:func:`supported_options`).
+DEFAULT_COMPILE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
+                           "xla_backend_optimization_level": 1}
 
 
 def supported_options(options: dict | None) -> dict | None:
     """``options`` less those this XLA does not know: an experimental option may be renamed
     or retired in a later jaxlib, and compiling with an unknown option fails. Each option
     outside :data:`_ESTABLISHED_OPTIONS` is tried once per process, on a trivial program
-    (~10 ms, only when a program that uses it is first built)."""
-    if not options:
-        return options
+    (~10 ms, only when a program that uses it is first built).
+
+    None off the CPU: every option jaxem sets is an XLA:CPU choice measured there. A GPU
+    compile refuses the ``xla_cpu_*`` ones ("No such compile option", seen on an H100 with
+    jaxlib 0.11.2), and the others would change what they were not measured for there
+    (the optimisation level of its kernels, its reductions' tree form)."""
+    if not options or jax.default_backend() != "cpu":
+        return None
     kept = {name: value for name, value in options.items()
             if name in _ESTABLISHED_OPTIONS or _option_known(name, value)}
     return kept or None
@@ -444,10 +443,9 @@ class StoredProgram:
     disk (:func:`program_store`) and in this process: a call whose key is known runs the
     stored executable, skipping tracing, lowering and compiling; otherwise the jitted
     function runs (and its executable is stored for next time). Attributes other than the
-    call (``lower``, ``_cache_size``) are the jitted function's. The options this XLA does
-    not know are dropped (:func:`supported_options`), when the program is first used;
-    ``compiler_options`` may be a function that gives them then (they may depend on the
-    backend, as :func:`default_compile_options`)."""
+    call (``lower``, ``_cache_size``) are the jitted function's. Of ``compiler_options``
+    the program passes those this backend's XLA knows (:func:`supported_options`: none off
+    the CPU), settled when it is first used, and its stored executables are keyed by them."""
 
     def __init__(self, fn, static_argnames, compiler_options=None):
         self._fn = fn
@@ -458,8 +456,8 @@ class StoredProgram:
 
     @functools.cached_property
     def _options(self) -> dict | None:
-        given = self._options_given
-        return given() if callable(given) else given
+        """The options passed to XLA: those given that this backend's XLA knows."""
+        return supported_options(self._options_given)
 
     @functools.cached_property
     def _name(self) -> str:
@@ -468,9 +466,8 @@ class StoredProgram:
 
     @functools.cached_property
     def jitted(self):
-        """``jax.jit`` of the function, with the compiler options this XLA knows."""
-        return jax.jit(self._fn, static_argnames=self._static,
-                       compiler_options=supported_options(self._options))
+        """``jax.jit`` of the function, with :attr:`_options`."""
+        return jax.jit(self._fn, static_argnames=self._static, compiler_options=self._options)
 
     @functools.cached_property
     def nested(self):

@@ -103,8 +103,9 @@ SMALL_PROGRAM_MAX_WORK = 2**22
 # fusion (~170 of them in an iris fit) as its own module through MLIR: the iris fit's
 # program compiles in 0.35-0.37 s instead of 0.97-1.19 s. (Not for the large programs: there
 # the older emitters ran full and tied 1.3-1.9x slower per iteration at N = 1e5, and diag and
-# spherical no faster over two alternating runs; see benchmarks/README.md.) On other
-# backends the CPU option is ignored. JAXEM_QUICK_COMPILE=0 turns both off. (The XLA aborts
+# spherical no faster over two alternating runs; see benchmarks/README.md.) A GPU takes
+# none of them (they are XLA:CPU's; _cache.supported_options). JAXEM_QUICK_COMPILE=0 turns
+# both off. (The XLA aborts
 # once blamed on quick compiles were the process running out of memory mappings, which a
 # faster compiler reaches sooner: see jaxem/_cache.py.)
 QUICK_COMPILE_ENV = "JAXEM_QUICK_COMPILE"
@@ -209,21 +210,21 @@ class ProgramVariants(NamedTuple):
         return getattr(self, compile_variant(n_rows, n_entries, batch, max_iter))
 
     def cache_size(self) -> int:
-        """Programs this process has compiled (or loaded) of every variant."""
-        return sum(program._cache_size() for program in self)
+        """Programs this process has compiled (or loaded) of every variant. Variants whose
+        options are the same (all of them off the CPU, where none is passed) are one jitted
+        program, counted once."""
+        by_name = {program._name: program for program in self}
+        return sum(program._cache_size() for program in by_name.values())
 
 
 def jit_variants(fn, static_argnames, extra_options: dict | None = None) -> ProgramVariants:
-    """``jit(fn)`` with the default (:func:`jaxem._cache.default_compile_options`), quick
-    and small compiler options, each with ``extra_options`` added."""
+    """``jit(fn)`` with the default (:data:`jaxem._cache.DEFAULT_COMPILE_OPTIONS`), quick
+    and small compiler options, each with ``extra_options`` added (all of them XLA:CPU's,
+    passed on the CPU only)."""
     extra = extra_options or {}
-
-    def default():
-        return {**_cache.default_compile_options(), **extra}
-
-    return ProgramVariants(*(_cache.StoredProgram(fn, static_argnames, options) for options in
-                             (default, {**QUICK_COMPILE_OPTIONS, **extra},
-                              {**SMALL_COMPILE_OPTIONS, **extra})))
+    return ProgramVariants(*(_cache.StoredProgram(fn, static_argnames, {**options, **extra})
+                             for options in (_cache.DEFAULT_COMPILE_OPTIONS,
+                                             QUICK_COMPILE_OPTIONS, SMALL_COMPILE_OPTIONS)))
 
 
 def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, progress=None,
@@ -237,7 +238,7 @@ def _fit_program(model, x, weights, params, tol, max_iter, hyper, mesh=None, pro
 
 
 _fit_jit = _cache.StoredProgram(_fit_program, ("model", "n_history", "mesh", "progress"),
-                                _cache.default_compile_options)
+                                _cache.DEFAULT_COMPILE_OPTIONS)
 
 
 def _init_sample(key, x, weights, n_rows: int | None):

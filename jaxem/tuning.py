@@ -63,7 +63,7 @@ def _time_shape(n, d, k, cov_type, factors, repeats, seed):
     rows = {b: gmm.auto_chunk_size(n, k, d, np.float32, cov_type, budget_bytes=b)
             for b in budgets}
     compiled = {}
-    options = _cache.supported_options(_cache.default_compile_options())
+    options = _cache.supported_options(_cache.DEFAULT_COMPILE_OPTIONS)
     for b in budgets:  # budgets giving the same block share one program
         if rows[b] not in compiled:
             step = jax.jit(lambda p, x, c=rows[b]: gmm.e_step(p, x, chunk_size=c),

@@ -26,6 +26,16 @@ def tree_allclose(a, b, rtol=1e-7, atol=0.0) -> bool:
                for x, y in zip(la, lb, strict=True))
 
 
+def assert_equal_on_cpu(actual, desired, rtol=1e-5, atol=0.0):
+    """Bit for bit on the CPU, where the two programs compared round alike; to ``rtol`` and
+    ``atol`` on another backend, where XLA may order two programs' sums differently (seen
+    on an H100: one float32 ulp)."""
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(actual, desired)
+    else:
+        np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol)
+
+
 def full_covariances(params) -> np.ndarray:
     """(K, D, D) float64 covariance matrices for any covariance type."""
     k, d = np.shape(params.means)

@@ -220,34 +220,38 @@ def test_the_functional_api_keeps_programs_across_processes_when_asked(tmp_path)
     assert again == 0 and means_again == means_on == means
 
 
-def test_compiler_options_this_xla_does_not_know_are_dropped():
+def test_compiler_options_this_xla_does_not_know_are_dropped(monkeypatch):
     """An option XLA refuses ("No such compile option") would fail every compile: it is
-    dropped, the others kept, and a program built with it still runs."""
-    known = {"xla_backend_optimization_level": 1}
-    assert _cache.supported_options({**known, "xla_jaxem_no_such_option": True}) == known
-    assert _cache.supported_options({"xla_jaxem_no_such_option": True}) is None
-    assert _cache.supported_options(None) is None
-    program = _cache.StoredProgram(lambda a: a * 2, (), {"xla_jaxem_no_such_option": True,
+    dropped, the others kept, and a program built with it still runs, on any backend. Off
+    the CPU no option is passed: they are all XLA:CPU's (a GPU compile refused
+    xla_cpu_use_fusion_emitters on an H100)."""
+    known = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
+    unknown = {"xla_jaxem_no_such_option": True}
+    program = _cache.StoredProgram(lambda a: a * 2, (), {**unknown, **known,
                                                          **_cache.DEFAULT_COMPILE_OPTIONS})
     assert float(program(np.float32(3.0))) == 6.0
+    assert _cache.supported_options(None) is None
+    if jax.default_backend() == "cpu":
+        assert _cache.supported_options({**known, **unknown}) == known
+        assert _cache.supported_options(unknown) is None
+    monkeypatch.setattr(_cache.jax, "default_backend", lambda: "gpu")
+    assert _cache.supported_options(known) is None
 
 
-def test_default_options_add_the_cpu_settings_on_the_cpu_only(monkeypatch):
-    """The default-option programs take LLVM's -O1 on the CPU (CPU_DEFAULT_OPTIONS), not on
-    another backend, and a program given its options as a function resolves them when first
-    used and keys its stored executables by what they resolved to."""
-    assert jax.default_backend() == "cpu"
-    on_cpu = _cache.default_compile_options()
-    assert on_cpu == {**_cache.DEFAULT_COMPILE_OPTIONS, **_cache.CPU_DEFAULT_OPTIONS}
-    program = _cache.StoredProgram(lambda a: a * 2, (), _cache.default_compile_options)
-    assert float(program(np.float32(3.0))) == 6.0
-    cpu_name = program._name
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert _cache.default_compile_options() == _cache.DEFAULT_COMPILE_OPTIONS
-    elsewhere = _cache.StoredProgram(lambda a: a * 2, (), _cache.default_compile_options)
-    assert elsewhere._options == _cache.DEFAULT_COMPILE_OPTIONS
-    assert program._options == on_cpu  # resolved once, when first used
-    assert elsewhere._name != cpu_name
+def test_a_program_passes_its_options_on_the_cpu_only_and_is_keyed_by_them(monkeypatch):
+    """Every option jaxem sets is XLA:CPU's: a program passes them on the CPU, none on
+    another backend (a GPU faked here), settles them when first used, and keys its stored
+    executables by what it passes."""
+    options = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
+    on_cpu = _cache.StoredProgram(lambda a: a * 2, (), options)
+    with monkeypatch.context() as patch:
+        patch.setattr(_cache.jax, "default_backend", lambda: "cpu")
+        assert on_cpu._options == options
+    monkeypatch.setattr(_cache.jax, "default_backend", lambda: "gpu")
+    elsewhere = _cache.StoredProgram(lambda a: a * 2, (), options)
+    assert elsewhere._options is None
+    assert on_cpu._options == options  # settled when first used
+    assert elsewhere._name != on_cpu._name
 
 
 def test_programs_whose_run_time_matters_compile_without_ynnpack_fusions():

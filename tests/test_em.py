@@ -180,16 +180,19 @@ def test_a_large_fit_compiles_its_initialisation_apart_with_the_same_result(monk
         return jaxem.fit_restarts(model, x, jax.random.PRNGKey(seed), n_components=k, n_init=2,
                                   max_iter=20, tol=1e-4)
 
-    counts = [(p.small._cache_size(), p.default._cache_size())
-              for p in (em._initial_programs, em._restarts_loop_programs)]
+    init, loop = em._initial_programs, em._restarts_loop_programs
+
+    def compiled():  # by options: off the CPU (no options) the variants are one program
+        return [{v._name: v._cache_size() for v in p} for p in (init, loop)]
+
+    counts = compiled()
     apart = fit(0)
-    after = [(p.small._cache_size(), p.default._cache_size())
-             for p in (em._initial_programs, em._restarts_loop_programs)]
-    assert after[0] == (counts[0][0] + 1, counts[0][1])  # the initialisation: small options
-    assert after[1] == (counts[1][0], counts[1][1] + 1)  # the loop: default options
+    after = compiled()
+    # the initialisation with the small options, the loop with the default ones
+    assert after[0] == {**counts[0], init.small._name: counts[0][init.small._name] + 1}
+    assert after[1] == {**counts[1], loop.default._name: counts[1][loop.default._name] + 1}
     fit(1)
-    assert [(p.small._cache_size(), p.default._cache_size())
-            for p in (em._initial_programs, em._restarts_loop_programs)] == after
+    assert compiled() == after
     monkeypatch.setenv(em.QUICK_COMPILE_ENV, "0")  # one program, the default options
     assert not em.separate_initialisation(n, gmm.mixture_entries(k, d), 2, 20)
     together = fit(0)
