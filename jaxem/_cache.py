@@ -106,6 +106,8 @@ def enable_persistent_cache() -> Path | None:
     for folder in (path, _state["store"]):
         if folder is not None:
             trim_folder(folder, limit)
+    if _state["store"] is not None:
+        _start_lapack()
     return path
 
 
@@ -191,7 +193,10 @@ def program_store() -> Path | None:
     return _state.get("store")
 
 
-STORE_FORMAT = b"jaxem-program-1\n"
+# A stored program: this line, then a pickle of the serialised executable (payload, input
+# and output trees) and whether it calls library kernels (custom calls: LAPACK's, which a
+# process registers before it runs such a program; see _lapack_ready).
+STORE_FORMAT = b"jaxem-program-2\n"
 # The JAX settings that change what a function lowers to (the rest are debugging, logging
 # and cache options).
 _CONFIG_KEYS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
@@ -524,9 +529,12 @@ class StoredProgram:
         dynamic = {k: v for k, v in bound.arguments.items() if k not in self._static}
         key = self._key(bound.arguments, dynamic)
         ready = concurrent.futures.Future()
-        if key is None:  # not keyed (see _key): JAX's own jit, compiled on its first call
-            ready.set_result(lambda **given: self.jitted(**{**bound.arguments, **given}))
-            return ready, self.jitted.trace(**bound.arguments).out_info
+        if key is None:  # not keyed (see _key): lowered here, compiled in the pool, not kept
+            # Here, not in the pool's threads: JAX's settings may be this thread's own (a
+            # `jax.enable_x64()` block), and a fit_batch of an unkeyed model traced in its
+            # shards' threads ran in float32 (JAX keeps the lowering and its executable).
+            lowered = self.jitted.lower(**bound.arguments)
+            return pool.submit(lowered.compile), lowered.out_info
         compiled = self._loaded.get(key)
         store = program_store()
         if compiled is None and store is not None and key not in _unstorable:
@@ -610,8 +618,6 @@ class StoredProgram:
     def _load(self, store: Path, key: str):
         from jax.experimental import serialize_executable
 
-        if not _lapack_ready():
-            return None
         path = store / key
         try:
             if hasattr(os, "getuid") and path.stat().st_uid != os.getuid():
@@ -619,7 +625,9 @@ class StoredProgram:
             data = path.read_bytes()
             if not data.startswith(STORE_FORMAT):
                 return None
-            payload, in_tree, out_tree = pickle.loads(data[len(STORE_FORMAT):])
+            payload, in_tree, out_tree, calls = pickle.loads(data[len(STORE_FORMAT):])
+            if calls and not _lapack_ready():
+                return None
             compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
         except Exception:  # noqa: BLE001 - none yet, or a stale or damaged file: compile
             return None
@@ -633,7 +641,9 @@ class StoredProgram:
         from jax.experimental import serialize_executable
 
         try:
-            data = STORE_FORMAT + pickle.dumps(serialize_executable.serialize(compiled))
+            calls = 'custom_call_target="' in compiled.as_text()
+            data = STORE_FORMAT + pickle.dumps((*serialize_executable.serialize(compiled),
+                                                calls))
         except Exception:  # noqa: BLE001 - not serialisable (e.g. closed-over constants)
             return
         try:
@@ -659,19 +669,37 @@ _loaded_programs: set = set()
 _unstorable: set = set()
 
 
+_lapack_lock = threading.Lock()
+
+
 def _lapack_ready() -> bool:
     """Register jaxlib's LAPACK kernels, as lowering a linear-algebra op does: a program
     loaded without any lowering in the process would otherwise call an unregistered
-    kernel (and crash). ``jax.export`` does the same before it runs a loaded program."""
-    if "lapack" not in _state:
-        try:
-            from jax._src.lax import linalg
+    kernel (and crash). ``jax.export`` does the same before it runs a loaded program. Only
+    programs that call library kernels wait for it (the store records which do)."""
+    with _lapack_lock:  # once, whichever thread comes first; the others wait for it
+        if "lapack" not in _state:
+            try:
+                from jax._src.lax import linalg
 
-            linalg.initialize_lapack()
-            _state["lapack"] = True
-        except Exception:  # noqa: BLE001 - a JAX without it: never load stored programs
-            _state["lapack"] = False
+                linalg.initialize_lapack()
+                _state["lapack"] = True
+            except Exception:  # noqa: BLE001 - a JAX without it: never load such programs
+                _state["lapack"] = False
     return _state["lapack"]
+
+
+def _start_lapack() -> None:
+    """Register LAPACK's kernels in a thread of their own, once: it imports SciPy's linear
+    algebra (~0.085 s on 2 cores), which a process loading stored programs would otherwise
+    wait for before its first one (a 1,000-dataset fit_batch in a new process: its
+    initialisation calls no LAPACK kernel, and by the time its loop loads, LAPACK is
+    ready)."""
+    if "lapack" in _state or "lapack_thread" in _state:
+        return
+    _state["lapack_thread"] = threading.Thread(target=_lapack_ready, name="jaxem-lapack",
+                                               daemon=True)
+    _state["lapack_thread"].start()
 
 
 def forget_loaded_programs() -> None:

@@ -1221,6 +1221,22 @@ def initial_labels(key, x, w, n_components: int, method: str, n_live=None) -> ja
     return jnp.full((n,), -1, jnp.int32).at[idx].set(slot.astype(jnp.int32))
 
 
+def initial_assignments(key, x, n_components: int, method: str = "kmeans", weights=None,
+                        n_live=None) -> jax.Array:
+    """What the key decides of an initialisation (:func:`init`'s ``labels``): (N,) int32
+    labels for a hard method (:func:`initial_labels`), (N, K) responsibilities for
+    ``random``. ``init(key, x, K, method=m, labels=initial_assignments(key, x, K, m))`` is
+    ``init(key, x, K, method=m)``."""
+    _validation.check_init_method(method)
+    x = jnp.asarray(x)
+    x = x.astype(x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float))
+    n_live = None if n_live is None else jnp.asarray(n_live).astype(jnp.int32)
+    if method in HARD_INIT_METHODS:
+        w = jnp.ones(x.shape[0], x.dtype) if weights is None else jnp.asarray(weights, x.dtype)
+        return initial_labels(key, x, w, n_components, method, n_live)
+    return _random_resp(key, x, n_components, n_live)
+
+
 def _random_resp(key, x, n_components: int, n_live=None):
     """(N, K) random initial responsibilities (``method="random"``, the soft one); columns
     ``≥ n_live`` (dead slots) are zero."""
@@ -1269,8 +1285,9 @@ def init(
         slots are initialised as an ``n_live``-component mixture (for ``kmeans`` and
         ``k-means++``, exactly as with ``n_components=n_live`` and the same key), the rest
         are dead (weight 0; see :class:`GMMParams`).
-      labels: optional (N,) int initial assignments (−1: none), e.g. from
-        :func:`initial_labels`, used instead of running ``method`` again.
+      labels: optional (N,) int initial assignments (−1: none) or (N, K)
+        responsibilities, e.g. from :func:`initial_assignments`, used instead of running
+        ``method`` again (``key`` is then not used).
       batch: number of parameter sets initialised together under ``vmap`` (restarts, a
         search's members; static): the blocks of rows shrink so that their temporaries
         stay in cache, as :func:`e_step`'s do.
@@ -1299,9 +1316,10 @@ def _init(key, x, n_components, covariance_type, method, weights, reg_covar, wei
     if labels is None and method in HARD_INIT_METHODS:
         labels = initial_labels(key, x, w, n_components, method, n_live)
     rows = _random_resp(key, x, n_components, n_live) if labels is None else labels
+    hard = rows.ndim == 1
 
     def weighted_t(r, ws):  # (K, C) weight × responsibility of a block, samples last
-        if labels is None:
+        if not hard:
             return r.T * ws[None]
         one_hot = r[None, :] == jnp.arange(n_components, dtype=r.dtype)[:, None]
         return jnp.where(one_hot, ws[None], 0.0)  # label −1: no component
@@ -1491,8 +1509,17 @@ class GaussianMixtureModel:
         """See :func:`combine_stats` (the streamed and online drivers' sum of statistics)."""
         return combine_stats(a, b, a_scale, b_scale)
 
-    def init(self, key, x, n_components: int, *, weights=None, method="kmeans", **kwargs):
+    def initial_assignments(self, key, x, n_components: int, *, weights=None,
+                            method="kmeans", n_live=None, **hyper):
+        """What the key decides of :meth:`init` (see :func:`initial_assignments`): the
+        first of its two stages, the second ``init(None, …, assignments=a)``."""
+        return initial_assignments(key, x, n_components, method, weights, n_live)
+
+    def init(self, key, x, n_components: int, *, weights=None, method="kmeans",
+             assignments=None, **kwargs):
         kwargs.setdefault("batch", self.batch)
+        if assignments is not None:
+            kwargs["labels"] = assignments
         return init(
             key, x, n_components, self.covariance_type, method=method, weights=weights, **kwargs
         )

@@ -891,3 +891,22 @@ def test_block_budget_follows_the_backend(monkeypatch):
     # the same cap holds for every budget tried or measured (jaxem.tuning)
     assert gmm.within_device_memory(2**40) == 2**30 // 32
     assert gmm.within_device_memory(2**20) == 2**20
+
+
+@pytest.mark.parametrize("method", ["kmeans", "k-means++", "random", "random_from_data"])
+@pytest.mark.parametrize("model", [gmm.GaussianMixtureModel("full"),
+                                   gmm.GaussianMixtureModel("spherical"),
+                                   gmm.AnyCovarianceModel("full")])
+def test_init_in_two_stages_is_init(x64, rng, method, model):
+    # What the key decides (labels; random responsibilities), then the rest without a key:
+    # init's parameters (fit_batch on the CPU runs the second stage in its loop's program).
+    x = np.concatenate([rng.normal(size=(40, 2)) + c for c in ((0, 0), (6, 0), (0, 6))])
+    w = rng.uniform(0.5, 2.0, len(x))
+    hyper = {"reg_covar": 1e-6, **({"structure": 2} if isinstance(model, gmm.AnyCovarianceModel)
+                                   else {})}
+    key = jax.random.PRNGKey(3)
+    a = model.initial_assignments(key, x, 3, weights=w, method=method, **hyper)
+    assert a.shape == ((len(x), 3) if method == "random" else (len(x),))
+    staged = model.init(None, x, 3, weights=w, method=method, assignments=a, **hyper)
+    assert tree_allclose(staged, model.init(key, x, 3, weights=w, method=method, **hyper),
+                         rtol=1e-12, atol=1e-14)

@@ -128,3 +128,37 @@ def test_nearest_centre_is_the_first_of_the_closest_live_ones(seed, k, live, tie
     d2 = np.where(alive[None], ((x[:, None] - c[None]) ** 2).sum(2), np.inf)
     np.testing.assert_array_equal(np.asarray(index), np.argmin(d2, axis=1))
     np.testing.assert_allclose(np.asarray(best), d2.min(axis=1), rtol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([1, 2, 7, 200, 256, 257, 5000]),
+       kind=st.sampled_from(["normal", "ties", "zeros", "wide"]), wide=st.booleans())
+def test_argsort_by_integer_passes_is_jnp_argsort(seed, n, kind, wide):
+    # The seeding's canonical order sorts single integers in passes (fast on XLA:CPU), not
+    # (value, index) pairs: the same stable order, ties by index, -0.0 equal to 0.0, in
+    # float32 and float64.
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=n)
+    if kind == "ties":
+        v = np.round(v, 1)
+    elif kind == "zeros":
+        v[rng.random(n) < 0.4] = 0.0
+        v[rng.random(n) < 0.3] = -0.0
+    elif kind == "wide":
+        v = v * 10.0 ** rng.integers(-30, 30, n)
+    from helpers import enable_x64
+
+    with enable_x64(wide):
+        values = jnp.asarray(v, jnp.float64 if wide else jnp.float32)
+        got = np.asarray(jax.jit(kmeans._argsort)(values))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argsort(values)))
+
+
+@pytest.mark.parametrize("n", [1, 3, kmeans.SMALL_CDF_ROWS, kmeans.SMALL_CDF_ROWS + 1])
+def test_prefix_sums_are_the_cumulative_sums(rng, n):
+    # A draw's CDF: by a triangular product up to SMALL_CDF_ROWS rows, else cumsum; both the
+    # prefix sums to float32 rounding, non-decreasing for non-negative masses.
+    mass = (rng.exponential(size=n) * (rng.random(n) > 0.2)).astype(np.float32)
+    got = np.asarray(jax.jit(kmeans._prefix_sums)(mass))
+    np.testing.assert_allclose(got, np.cumsum(mass.astype(np.float64)), rtol=1e-5, atol=1e-6)
+    assert np.all(np.diff(got) >= 0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_blobs
 from helpers import log_joint_oracle, tree_allclose
-from test_em import _count_conds
+from test_em import PoissonMixture, _count_conds
 
 import jaxem
 from jaxem import em, gmm, search
@@ -269,6 +269,26 @@ def test_float32_datasets_far_apart_fit_as_well_in_a_batch_as_alone(rng, cov_typ
         one = em.fit_restarts(model, x[b], k, n_components=3, n_init=n_init)
         _assert_same_restarts(batch, b, one, rtol=1e-5,
                               means_tol=dict(atol=1e-3 * (1 + abs(offsets[b])) ** 0.5))
+
+
+def test_a_batch_of_a_model_initialised_in_one_stage_equals_separate_fits(x64, rng):
+    # A model without initial_assignments (optional in the contract) starts its loop from
+    # init's parameters, made in the first program: each dataset's fit is its own. And in
+    # float64: its programs (not stored: the model is not keyed) are traced in this thread,
+    # under this test's `enable_x64` block, not in the shards' threads (float32 before).
+    x = np.stack([rng.poisson(lam, size=(80, 2)).astype(float)
+                  for lam in ((2.0, 9.0), (5.0, 1.0), (12.0, 3.0))])
+    assert not hasattr(PoissonMixture(), "initial_assignments")
+    key = jax.random.PRNGKey(2)
+    batch = jaxem.fit_batch(PoissonMixture(), x, key, n_components=2, n_init=2, tol=1e-8)
+    assert batch.restarts.lower_bound.dtype == np.float64
+    for b, k in enumerate(jax.random.split(key, len(x))):
+        one = em.fit_restarts(PoissonMixture(), x[b], k, n_components=2, n_init=2, tol=1e-8)
+        np.testing.assert_array_equal(batch.restarts.n_iter[b], one.restarts.n_iter)
+        np.testing.assert_allclose(batch.restarts.lower_bound[b], one.restarts.lower_bound,
+                                   rtol=1e-10)
+        assert tree_allclose(jax.tree_util.tree_map(lambda a, b=b: a[b], batch.restarts.params),
+                             one.restarts.params, rtol=1e-8, atol=1e-10)
 
 
 def _assert_same_restarts(batch, b, one, rtol, means_tol):
