@@ -112,9 +112,8 @@ SMALL_PROGRAM_MAX_WORK = 2**22
 # the older emitters ran full and tied 1.3-1.9x slower per iteration at N = 1e5, and diag and
 # spherical no faster over two alternating runs; see benchmarks/README.md.) A GPU takes
 # none of them (they are XLA:CPU's; _cache.supported_options). JAXEM_QUICK_COMPILE=0 turns
-# both off. (The XLA aborts
-# once blamed on quick compiles were the process running out of memory mappings, which a
-# faster compiler reaches sooner: see jaxem/_cache.py.)
+# both off. (The XLA aborts once blamed on quick compiles were the process running out of
+# memory mappings, which a faster compiler reaches sooner: see jaxem/_cache.py.)
 QUICK_COMPILE_ENV = "JAXEM_QUICK_COMPILE"
 QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0,
                          "xla_cpu_use_fusion_emitters": False}
@@ -883,20 +882,11 @@ def fit_batch(
     init_program = getattr(_batch_init_programs[short], init_variant)
     loop_program = getattr(_batch_loop_programs[short], variant)
     shards = [host_array(shard, np.int32) for shard in range(n_shards)]
-    init_args = (model, x_dev, w_dev, key, n_init, n_components, init_method, hyper, b,
-                 n_shards, shards[0], True)
     with concurrent.futures.ThreadPoolExecutor(n_shards + 2) as pool:
+        init_ready, start_info = init_program.prepare(
+            pool, model, x_dev, w_dev, key, n_init, n_components, init_method, hyper, b,
+            n_shards, shards[0], True)
         loop_prepared = concurrent.futures.Future()
-
-        def prepare_loop(start_info):
-            try:
-                ready, _ = loop_program.prepare(
-                    pool, model, x_dev, w_dev, start_info, tol, max_iter_arg, n_init, hyper,
-                    n_history, n_components, init_method, n_shards, shards[0], True)
-            except BaseException as error:
-                loop_prepared.set_exception(error)
-                raise
-            loop_prepared.set_result(ready)
 
         def fit_shard(shard):  # one thread's dispatches run in turn: a thread per shard
             start = init_ready.result()(x=x_dev, weights=w_dev, key=key, hyper=hyper,
@@ -905,11 +895,17 @@ def fit_batch(
                 x=x_dev, weights=w_dev, start=start, tol=tol, max_iter=max_iter_arg,
                 hyper=hyper, shard=shard)
 
-        # The shards start their initialisation as soon as its program is ready, while
-        # this thread traces (or loads) the loop's.
-        init_ready, start_info = init_program.prepare(pool, *init_args)
+        # The shards start their initialisation as soon as its program is ready, while this
+        # thread traces (or loads) the loop's.
         jobs = [pool.submit(fit_shard, shard) for shard in shards]
-        prepare_loop(start_info)
+        try:
+            loop_ready, _ = loop_program.prepare(
+                pool, model, x_dev, w_dev, start_info, tol, max_iter_arg, n_init, hyper,
+                n_history, n_components, init_method, n_shards, shards[0], True)
+        except BaseException as error:
+            loop_prepared.set_exception(error)
+            raise
+        loop_prepared.set_result(loop_ready)
         results = [job.result() for job in jobs]
     if n_shards == 1:
         return trim_history(results[0], max_iter)

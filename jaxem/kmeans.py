@@ -132,8 +132,8 @@ def _draw(u: jax.Array, mass: jax.Array, order: jax.Array) -> jax.Array:
 # (N² multiply-adds in the backend's matrix product) rather than XLA:CPU's cumulative sum
 # (two reduce-windows, each output summing its window afresh, in loops LLVM does not
 # optimise at -O0 where small programs compile): 1,000 datasets × 200 rows, three draws
-# each, -O0, profiled: 28 ms against 15 ms. They round differently (a draw can differ only where its
-# variate falls within a rounding of an interval's end).
+# each, -O0, profiled: 28 ms against 15 ms. They round differently (a draw can differ only
+# where its variate falls within a rounding of an interval's end).
 SMALL_CDF_ROWS = 256
 
 
