@@ -500,18 +500,12 @@ class StoredProgram:
         if key is None:
             return self.jitted(**bound.arguments)
         compiled = self._loaded.get(key)
-        from_disk = compiled is None and key not in _unstorable
-        if from_disk:
-            compiled = self._load(store, key)
-        if compiled is None:
-            compiled = self._compile(bound.arguments)
-            if key not in _unstorable:
-                self._save(store, key, compiled)
-            from_disk = False
-        self._loaded[key] = compiled
-        _loaded_programs.add(self)
-        if not from_disk:
+        if compiled is not None:
             return compiled(**dynamic)
+        compiled = None if key in _unstorable else self._load(store, key)
+        if compiled is None:
+            return self._keep(key, self._compile(bound.arguments), store)(**dynamic)
+        self._keep(key, compiled)
         return self._first_run(key, bound.arguments, dynamic)
 
     def prepare(self, pool, *args, **kwargs):
@@ -540,8 +534,7 @@ class StoredProgram:
         if compiled is None and store is not None and key not in _unstorable:
             compiled = self._load(store, key)
             if compiled is not None:
-                self._loaded[key] = compiled
-                _loaded_programs.add(self)
+                self._keep(key, compiled)
                 checked = []
 
                 def first_run(**given):  # runs are checked until one has passed
@@ -561,11 +554,7 @@ class StoredProgram:
         def compile_and_keep():
             with fresh_compiles():
                 compiled = lowered.compile()
-            self._loaded[key] = compiled
-            _loaded_programs.add(self)
-            if store is not None and key not in _unstorable:
-                self._save(store, key, compiled)
-            return compiled
+            return self._keep(key, compiled, store)
 
         return pool.submit(compile_and_keep), lowered.out_info
 
@@ -592,6 +581,15 @@ class StoredProgram:
                         (store / key).unlink(missing_ok=True)
                     self._loaded[key] = self._compile(arguments)
             return self._loaded[key](**dynamic)
+
+    def _keep(self, key: str, compiled, store: Path | None = None):
+        """``compiled``, held in this process under ``key`` and, given the ``store``, saved
+        there too (unless ``key`` is one this process must not store)."""
+        self._loaded[key] = compiled
+        _loaded_programs.add(self)
+        if store is not None and key not in _unstorable:
+            self._save(store, key, compiled)
+        return compiled
 
     def _compile(self, arguments: dict):
         with fresh_compiles():
